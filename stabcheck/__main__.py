@@ -1,0 +1,3 @@
+from stabcheck.cli import main
+
+main()

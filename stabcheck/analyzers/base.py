@@ -1,0 +1,119 @@
+"""The analyzer contract: what an analyzer needs, what it returns, and the context it runs in."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from stabcheck.engine.hvp import HessianOperator
+from stabcheck.engine.objective import Objective
+from stabcheck.loading.data import AnalysisSet
+from stabcheck.loading.optimizer import TrainingSettings
+
+STATUSES = ("ok", "skipped", "error", "inconclusive")
+
+
+@dataclass(frozen=True)
+class AnalyzerResult:
+    """Findings of one analyzer on one checkpoint.
+
+    ``metrics`` use the public metric names; a value that is undefined or not trustworthy is
+    None, with a note saying why. ``diagnostics`` hold the evidence behind the metrics (matvec
+    counts, residuals, seeds, dtypes).
+    """
+
+    status: str
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    diagnostics: Mapping[str, Any] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status {self.status!r} is not one of {STATUSES}")
+
+    @classmethod
+    def skipped(cls, reason: str) -> AnalyzerResult:
+        return cls(status="skipped", notes=(reason,))
+
+
+@dataclass(frozen=True)
+class EstimatorSettings:
+    """Settings shared by the Hessian estimators; every one is recorded in the report."""
+
+    lanczos_max_iter: int = 100
+    lanczos_tol: float = 1e-4
+    top_k: int = 3
+    hvp_method: str = "retained"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "lanczos_max_iter": self.lanczos_max_iter,
+            "lanczos_tol": self.lanczos_tol,
+            "top_k": self.top_k,
+            "hvp_method": self.hvp_method,
+        }
+
+
+ProgressFactory = Callable[[str], Callable[[int, int, float], None] | None]
+
+
+@dataclass
+class AnalysisContext:
+    """Everything an analyzer may read for one checkpoint.
+
+    The Hessian operator is built on first use and shared by the analyzers of this checkpoint.
+    """
+
+    model: torch.nn.Module
+    objective: Objective
+    data: AnalysisSet
+    training: TrainingSettings
+    estimator: EstimatorSettings
+    seed: int
+    progress: ProgressFactory = lambda label: None
+    _hessian: HessianOperator | None = None
+
+    def hessian(self) -> HessianOperator:
+        if self._hessian is None:
+            self._hessian = HessianOperator(self.objective, method=self.estimator.hvp_method)
+        return self._hessian
+
+    def release(self) -> None:
+        if self._hessian is not None:
+            self._hessian.release()
+        self._hessian = None
+
+
+class Analyzer(ABC):
+    """An analysis with a stable public id. Subclasses set the class attributes and ``run``.
+
+    ``run`` returns an AnalyzerResult and never prints or writes files; judging the result
+    against thresholds is the job of :mod:`stabcheck.gates`.
+    """
+
+    id: ClassVar[str]
+    title: ClassVar[str]
+    cost: ClassVar[str]
+    reference: ClassVar[str]
+    metric_names: ClassVar[tuple[str, ...]]
+    interpretation: ClassVar[dict[str, str]]
+    limits: ClassVar[tuple[str, ...]] = ()
+
+    def skip_reason(self, context: AnalysisContext) -> str | None:
+        """Say why this analyzer cannot run on the context, or None when it can."""
+        return None
+
+    @abstractmethod
+    def run(self, context: AnalysisContext) -> AnalyzerResult: ...
+
+
+def finite_or_none(value: float | None) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None

@@ -1,0 +1,272 @@
+"""Running the analyzers on a model and its checkpoints, from Python or from the command line.
+
+:func:`analyze` is the one entry point: the CLI resolves specs and options and then calls it, so a
+notebook gets the same :class:`~stabcheck.report.model.Report` that the CLI renders.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import logging
+import platform
+import socket
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stabcheck import __version__
+from stabcheck.analyzers.base import AnalysisContext, AnalyzerResult, EstimatorSettings, ProgressFactory
+from stabcheck.analyzers.registry import resolve_analyzers
+from stabcheck.engine.hvp import HVP_METHODS
+from stabcheck.engine.objective import Objective, PerExampleLoss, builtin_loss
+from stabcheck.errors import CheckpointError, StabcheckError, UsageError
+from stabcheck.gates import evaluate_gates, exit_code_for, parse_gates
+from stabcheck.loading.checkpoint import Checkpoint, load_checkpoint, match_weights
+from stabcheck.loading.data import AnalysisSet, materialize
+from stabcheck.loading.optimizer import TrainingSettings, apply_overrides, settings_from_optimizer_state
+from stabcheck.report.model import Report
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def expand_checkpoint_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Expand directories into the checkpoint files they contain, sorted by name."""
+    expanded: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
+            if not found:
+                raise CheckpointError(
+                    f"directory {path} contains no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)})."
+                )
+            expanded.extend(found)
+        else:
+            expanded.append(path)
+    return expanded
+
+
+def analyze(
+    model: torch.nn.Module,
+    data: Any,
+    *,
+    checkpoints: Sequence[str | Path] = (),
+    loss: str | PerExampleLoss = "cross_entropy",
+    analyzers: Sequence[str] | None = None,
+    lr: float | None = None,
+    optimizer: str | None = None,
+    momentum: float | None = None,
+    batch_size: int | None = None,
+    max_samples: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str = "float32",
+    estimator: EstimatorSettings | None = None,
+    gates: Mapping[str, Any] | None = None,
+    trust_checkpoint: bool = False,
+    weight_set: str | None = None,
+    progress: ProgressFactory | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> Report:
+    """Run the chosen analyzers on ``model`` at each checkpoint (or at its current weights).
+
+    ``model`` is never modified: checkpoints load into a copy, and the analysis works on copies
+    of its parameters and buffers. ``data`` is a DataLoader, a Dataset or an (inputs, targets)
+    tuple; its first ``max_samples`` examples form the analysis set. ``lr``, ``optimizer``,
+    ``momentum`` and ``batch_size`` override what the checkpoints' optimizer state records.
+    ``gates`` is a table such as
+    ``{"sharpness.edge_ratio": {"warn": 0.9, "fail": 1.2}}`` merged over the defaults.
+    """
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    estimator = estimator or EstimatorSettings()
+    _validate_settings(estimator, device, dtype)
+    overrides = {"optimizer": optimizer, "lr": lr, "momentum": momentum, "batch_size": batch_size}
+    chosen = resolve_analyzers(list(analyzers) if analyzers else None)
+    gate_table = parse_gates(gates)
+    provenance = dict(provenance or {})
+    progress = progress or (lambda label: None)
+    loss_fn = builtin_loss(loss) if isinstance(loss, str) else loss
+
+    analysis_set = materialize(data, max_samples=max_samples, spec=provenance.get("data_spec", "data"))
+    ordered = _order_checkpoints(expand_checkpoint_paths(checkpoints), trust_checkpoint, weight_set)
+
+    checkpoint_entries: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    settings_per_checkpoint: list[TrainingSettings] = []
+    targets = ordered if ordered else [None]
+    for index, path in enumerate(targets):
+        analyzed_model, entry = _prepare_model(model, path, trust_checkpoint, weight_set)
+        trainable = {name: p for name, p in analyzed_model.named_parameters() if p.requires_grad}
+        settings = settings_from_optimizer_state(entry.pop("_optimizer_state"), trainable)
+        settings = apply_overrides(settings, **overrides)
+        settings_per_checkpoint.append(settings)
+        entry["training"] = settings.to_json()
+        checkpoint_entries.append(entry)
+        log.info("analyzing %s", entry["path"])
+        results.append(
+            {
+                "checkpoint": index,
+                "analyzers": _run_analyzers(chosen, analyzed_model, analysis_set, settings, estimator, seed, device, dtype, loss_fn, progress),
+            }
+        )
+
+    user_gates = frozenset((gates or {}).keys())
+    findings = evaluate_gates(gate_table, [r["analyzers"] for r in results], user_gate_names=user_gates)
+    first_settings = settings_per_checkpoint[0]
+    report = Report(
+        tool={"name": "stabcheck", "version": __version__},
+        run={
+            "command": provenance.get("command", []),
+            "started_at": started,
+            "seed": seed,
+            "device": device,
+            "dtype": dtype,
+            "torch_version": torch.__version__,
+            "python_version": platform.python_version(),
+            "host": socket.gethostname(),
+            "platform": platform.platform(),
+        },
+        checkpoints=checkpoint_entries,
+        model={
+            "spec": provenance.get("model_spec", type(model).__name__),
+            "kwargs": provenance.get("model_kwargs", {}),
+            "num_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "mode": "eval",
+        },
+        data={
+            "spec": provenance.get("data_spec", type(data).__name__),
+            "kwargs": provenance.get("data_kwargs", {}),
+            "num_samples": analysis_set.num_samples,
+            "num_classes": analysis_set.num_classes,
+            "source": analysis_set.source,
+            "loss": loss if isinstance(loss, str) else provenance.get("loss_spec", getattr(loss, "__name__", "custom")),
+        },
+        training=first_settings.to_json(),
+        estimator=estimator.to_json(),
+        results=results,
+        gates=[finding.to_json() for finding in findings],
+        exit_code=exit_code_for(findings),
+        notes=[note for settings in settings_per_checkpoint[:1] for note in settings.notes],
+    )
+    return report
+
+
+def _validate_settings(estimator: EstimatorSettings, device: str, dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UsageError(f"--device {device!r} is not supported; use cpu or cuda.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} was requested but torch reports no CUDA device; use --device cpu.")
+    if estimator.hvp_method not in HVP_METHODS:
+        raise UsageError(f"HVP method {estimator.hvp_method!r} is unknown; use one of {', '.join(HVP_METHODS)}.")
+    if estimator.lanczos_max_iter < 2:
+        raise UsageError(f"--lanczos-iters must be at least 2, got {estimator.lanczos_max_iter}.")
+    if not 0 < estimator.lanczos_tol < 1:
+        raise UsageError(f"--lanczos-tol must be between 0 and 1, got {estimator.lanczos_tol}.")
+    if estimator.top_k < 1:
+        raise UsageError(f"--top-k must be at least 1, got {estimator.top_k}.")
+
+
+def _order_checkpoints(paths: list[Path], trust: bool, weight_set: str | None) -> list[Path]:
+    """Sort checkpoints by stored training step; files without a step keep their given order."""
+    if len(paths) <= 1:
+        return paths
+    steps = []
+    for position, path in enumerate(paths):
+        checkpoint = load_checkpoint(path, trust=trust, weight_set=weight_set)
+        steps.append((checkpoint.step, position, path))
+    if any(step is None for step, _, _ in steps):
+        return paths
+    return [path for _, _, path in sorted(steps, key=lambda item: (item[0], item[1]))]
+
+
+def _prepare_model(
+    model: torch.nn.Module, path: Path | None, trust: bool, weight_set: str | None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    if path is None:
+        return model, {
+            "path": None,
+            "sha256": None,
+            "format": "in-memory",
+            "step": None,
+            "stripped_prefix": None,
+            "weight_set": None,
+            "_optimizer_state": None,
+        }
+    checkpoint: Checkpoint = load_checkpoint(path, trust=trust, weight_set=weight_set)
+    matched = match_weights(checkpoint, model)
+    copied = copy.deepcopy(model)
+    copied.load_state_dict(matched.state_dict, strict=True)
+    return copied, {
+        "path": str(path),
+        "sha256": checkpoint.sha256,
+        "format": checkpoint.format,
+        "step": checkpoint.step,
+        "stripped_prefix": matched.stripped_prefix,
+        "weight_set": checkpoint.weight_set,
+        "notes": checkpoint.notes,
+        "_optimizer_state": checkpoint.optimizer_state,
+    }
+
+
+def _run_analyzers(
+    chosen: list,
+    model: torch.nn.Module,
+    analysis_set: AnalysisSet,
+    settings: TrainingSettings,
+    estimator: EstimatorSettings,
+    seed: int,
+    device: str,
+    dtype: str,
+    loss_fn: PerExampleLoss,
+    progress: ProgressFactory,
+) -> dict[str, dict[str, Any]]:
+    objective = Objective(
+        model,
+        analysis_set.inputs,
+        analysis_set.targets,
+        loss_fn,
+        weight_decay=settings.weight_decay,
+        dtype=DTYPES[dtype],
+        device=device,
+    )
+    context = AnalysisContext(
+        model=model,
+        objective=objective,
+        data=analysis_set,
+        training=settings,
+        estimator=estimator,
+        seed=seed,
+        progress=progress,
+    )
+    outcome: dict[str, dict[str, Any]] = {}
+    try:
+        for analyzer in chosen:
+            reason = analyzer.skip_reason(context)
+            if reason is not None:
+                result = AnalyzerResult.skipped(reason)
+            else:
+                try:
+                    result = analyzer.run(context)
+                except StabcheckError:
+                    raise
+                except (RuntimeError, ValueError, ArithmeticError, MemoryError) as error:
+                    log.exception("analyzer %s failed", analyzer.id)
+                    result = AnalyzerResult(status="error", notes=(f"{type(error).__name__}: {error}",))
+            outcome[analyzer.id] = {
+                "status": result.status,
+                "metrics": dict(result.metrics),
+                "diagnostics": dict(result.diagnostics),
+                "notes": list(result.notes),
+            }
+    finally:
+        context.release()
+    return outcome
+

@@ -1,0 +1,278 @@
+"""The ``stabcheck`` command line: parses options, sets up logging, maps outcomes to exit codes.
+
+Exit codes: 0 every gate passed (warnings allowed), 1 a gate failed, 2 invalid usage or input,
+3 inconclusive (an analyzer a gate depends on errored or did not converge).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from stabcheck import __version__
+from stabcheck.errors import StabcheckError, UsageError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="Training-stability diagnostics for PyTorch checkpoints.",
+)
+
+
+class OptimizerChoice(str, Enum):
+    sgd = "sgd"
+    momentum = "momentum"
+    adam = "adam"
+    adamw = "adamw"
+
+
+class DeviceChoice(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DtypeChoice(str, Enum):
+    float32 = "float32"
+    float64 = "float64"
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"stabcheck {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """Training-stability diagnostics for PyTorch checkpoints."""
+
+
+@app.command()
+def analyze(
+    checkpoints: Annotated[
+        list[Path],
+        typer.Argument(help="Checkpoint files or directories of them; several form a trajectory ordered by stored step."),
+    ],
+    model: Annotated[Optional[str], typer.Option(help="Model spec: path/to/file.py:function or package.module:function returning an nn.Module.")] = None,
+    model_kwargs: Annotated[Optional[str], typer.Option(help="JSON object of keyword arguments for the model function.")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Data spec returning a DataLoader, a Dataset, or a tuple (inputs, targets).")] = None,
+    data_kwargs: Annotated[Optional[str], typer.Option(help="JSON object of keyword arguments for the data function.")] = None,
+    loss: Annotated[Optional[str], typer.Option(help="cross_entropy, mse, or a spec returning per-example losses from (outputs, targets). Default: cross_entropy.")] = None,
+    analyzers: Annotated[Optional[str], typer.Option(help="Comma-separated analyzer ids. Default: every analyzer whose needs are met.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate; overrides the checkpoint's optimizer state.")] = None,
+    optimizer: Annotated[Optional[OptimizerChoice], typer.Option(help="Optimizer kind; overrides the checkpoint's optimizer state.")] = None,
+    momentum: Annotated[Optional[float], typer.Option(help="Heavy-ball momentum coefficient in [0, 1); overrides the checkpoint.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Training batch size (examples per step); overrides the checkpoint.")] = None,
+    lmc_with: Annotated[Optional[Path], typer.Option(help="Second endpoint checkpoint for the lmc analyzer.")] = None,
+    max_samples: Annotated[Optional[int], typer.Option(help="Analyze the first N examples of the data (default: all).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for start vectors and probes (default 0).")] = None,
+    device: Annotated[Optional[DeviceChoice], typer.Option(help="Device to run on (default cpu).")] = None,
+    dtype: Annotated[Optional[DtypeChoice], typer.Option(help="Floating-point type of the analysis (default float32).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Config file. Default: ./stabcheck.toml, then [tool.stabcheck] in ./pyproject.toml.")] = None,
+    json_path: Annotated[Optional[str], typer.Option("--json", help="Write the JSON report to this path; '-' writes it to stdout.")] = None,
+    html: Annotated[Optional[Path], typer.Option(help="Write the self-contained HTML report to this path.")] = None,
+    junit: Annotated[Optional[Path], typer.Option(help="Write JUnit XML (one test case per gate) to this path.")] = None,
+    markdown: Annotated[Optional[Path], typer.Option(help="Write a Markdown summary to this path.")] = None,
+    trust_checkpoint: Annotated[bool, typer.Option(help="Allow full pickle loading, which runs code stored in the checkpoint.")] = False,
+    weight_set: Annotated[Optional[str], typer.Option(help="Key of the weight set to analyze, e.g. an EMA copy such as 'ema' or 'ema.state_dict'.")] = None,
+    lanczos_iters: Annotated[Optional[int], typer.Option(help="Maximum Lanczos steps, i.e. Hessian-vector products (default 100).")] = None,
+    lanczos_tol: Annotated[Optional[float], typer.Option(help="Lanczos convergence tolerance: residual over the largest Ritz value (default 1e-4).")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="How many of the largest Hessian eigenvalues to report (default 3).")] = None,
+    hvp_method: Annotated[Optional[str], typer.Option(help="Hessian-vector product method: retained (fastest) or recompute (bounded memory).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print no terminal summary or progress.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details to stderr.")] = False,
+) -> None:
+    """Analyze checkpoints and write terminal, JSON, HTML, JUnit or Markdown reports."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    json_to_stdout = json_path == "-"
+    console = Console(stderr=json_to_stdout, quiet=quiet)
+    errors = Console(stderr=True)
+    try:
+        report = _run(
+            checkpoints=checkpoints,
+            options=dict(
+                model=model, model_kwargs=model_kwargs, data=data, data_kwargs=data_kwargs, loss=loss,
+                analyzers=analyzers, lr=lr, optimizer=optimizer.value if optimizer else None, momentum=momentum,
+                batch_size=batch_size, max_samples=max_samples, seed=seed,
+                device=device.value if device else None, dtype=dtype.value if dtype else None,
+                weight_set=weight_set, lanczos_iters=lanczos_iters, lanczos_tol=lanczos_tol, top_k=top_k,
+                hvp_method=hvp_method,
+            ),
+            config_path=config,
+            lmc_with=lmc_with,
+            trust_checkpoint=trust_checkpoint,
+            console=console,
+        )
+        _write_outputs(report, json_path=json_path, html=html, junit=junit, markdown=markdown)
+    except StabcheckError as error:
+        errors.print(f"[bold red]error:[/bold red] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=error.exit_code) from None
+
+    from stabcheck.report.terminal import render_terminal
+
+    render_terminal(report, console)
+    raise typer.Exit(code=report.exit_code)
+
+
+def _run(
+    *, checkpoints: list[Path], options: dict[str, Any], config_path: Path | None, lmc_with: Path | None,
+    trust_checkpoint: bool, console: Console,
+):
+    # Heavy imports happen here so that --help and --version stay fast.
+    from stabcheck.analyzers.base import EstimatorSettings
+    from stabcheck.api import analyze as run_analysis
+    from stabcheck.config import load_config
+    from stabcheck.engine.objective import BUILTIN_LOSSES
+    from stabcheck.loading.specs import build_model, load_data_object, parse_kwargs, resolve_callable
+
+    file_config = load_config(config_path)
+
+    def setting(key: str, default: Any = None) -> Any:
+        value = options.get(key)
+        return value if value is not None else file_config.get(key, default)
+
+    # A spec given on the command line is relative to the current directory; one from the config
+    # file is relative to the file's folder.
+    def spec_base(key: str) -> Path | None:
+        return None if options.get(key) is not None else file_config.base_dir
+
+    model_spec, data_spec = setting("model"), setting("data")
+    if model_spec is None:
+        raise UsageError("no model spec: pass --model path/to/file.py:function (or set 'model' in stabcheck.toml).")
+    if data_spec is None:
+        raise UsageError("no data spec: pass --data path/to/file.py:function (or set 'data' in stabcheck.toml).")
+    if lmc_with is not None:
+        raise UsageError("--lmc-with needs the lmc analyzer, which is not available in this version of stabcheck.")
+
+    analyzer_ids = setting("analyzers")
+    if isinstance(analyzer_ids, str):
+        analyzer_ids = [part.strip() for part in analyzer_ids.split(",") if part.strip()]
+
+    model_kwargs = parse_kwargs(setting("model_kwargs"), option="--model-kwargs")
+    data_kwargs = parse_kwargs(setting("data_kwargs"), option="--data-kwargs")
+    model_object = build_model(model_spec, model_kwargs, base_dir=spec_base("model"))
+    data_object = load_data_object(data_spec, data_kwargs, base_dir=spec_base("data"))
+
+    loss_setting = setting("loss", "cross_entropy")
+    loss: Any = loss_setting
+    if loss_setting not in BUILTIN_LOSSES:
+        loss = resolve_callable(loss_setting, role="loss", base_dir=spec_base("loss"))
+
+    defaults = EstimatorSettings()
+    estimator = EstimatorSettings(
+        lanczos_max_iter=setting("lanczos_iters", defaults.lanczos_max_iter),
+        lanczos_tol=float(setting("lanczos_tol", defaults.lanczos_tol)),
+        top_k=setting("top_k", defaults.top_k),
+        hvp_method=setting("hvp_method", defaults.hvp_method),
+    )
+    with _progress(console) as progress:
+        return run_analysis(
+            model_object,
+            data_object,
+            checkpoints=checkpoints,
+            loss=loss,
+            analyzers=analyzer_ids,
+            optimizer=setting("optimizer"),
+            lr=setting("lr"),
+            momentum=setting("momentum"),
+            batch_size=setting("batch_size"),
+            max_samples=setting("max_samples"),
+            seed=setting("seed", 0),
+            device=setting("device", "cpu"),
+            dtype=setting("dtype", "float32"),
+            estimator=estimator,
+            gates=setting("gates"),
+            trust_checkpoint=trust_checkpoint,
+            weight_set=setting("weight_set"),
+            progress=progress,
+            provenance={
+                "command": ["stabcheck", *sys.argv[1:]],
+                "model_spec": model_spec,
+                "model_kwargs": model_kwargs,
+                "data_spec": data_spec,
+                "data_kwargs": data_kwargs,
+                "loss_spec": loss_setting,
+                "config": str(file_config.path) if file_config.path else None,
+            },
+        )
+
+
+class _progress:
+    """A rich progress bar per Lanczos run, shown only on an interactive terminal."""
+
+    def __init__(self, console: Console) -> None:
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} HVPs  rel. residual {task.fields[residual]:.1e}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            disable=not console.is_terminal or console.quiet,
+        )
+
+    def __enter__(self) -> Callable[[str], Callable[[int, int, float], None]]:
+        self.bar.__enter__()
+
+        def factory(label: str) -> Callable[[int, int, float], None]:
+            task = self.bar.add_task(label, total=None, residual=float("nan"))
+
+            def update(step: int, total: int, residual: float) -> None:
+                self.bar.update(task, completed=step, total=total, residual=residual)
+
+            return update
+
+        return factory
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.bar.__exit__(*exc_info)
+
+
+def _write_outputs(report, *, json_path: str | None, html: Path | None, junit: Path | None, markdown: Path | None) -> None:
+    """Render every requested report first, then write each atomically, so a failed render writes nothing."""
+    from stabcheck.report.files import atomic_write_text
+    from stabcheck.report.html import render_html
+    from stabcheck.report.json import render_json
+    from stabcheck.report.junit import render_junit
+    from stabcheck.report.markdown import render_markdown
+
+    rendered: list[tuple[Path | None, str]] = []
+    if json_path is not None:
+        rendered.append((None if json_path == "-" else Path(json_path), render_json(report)))
+    if html is not None:
+        rendered.append((html, render_html(report)))
+    if junit is not None:
+        rendered.append((junit, render_junit(report)))
+    if markdown is not None:
+        rendered.append((markdown, render_markdown(report)))
+    for path, _ in rendered:
+        if path is not None and path.is_dir():
+            raise UsageError(f"cannot write report to {path}: it is a directory. Pass a file path.")
+    for path, text in rendered:
+        if path is None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        else:
+            atomic_write_text(path, text)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

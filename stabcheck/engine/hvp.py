@@ -1,0 +1,138 @@
+"""Hessian-vector products of an :class:`~stabcheck.engine.objective.Objective` at a fixed point.
+
+Two methods, both over ``torch.func.functional_call`` on detached parameter copies:
+
+``retained`` (default)
+    Builds the first-order gradient graph once (``create_graph=True``) and differentiates it
+    again for each vector with ``retain_graph=True``. Measured on 2 CPU cores (benchmarks/
+    results page) this is the cheapest per product, at the cost of keeping the graph of every
+    analysis example in memory for the whole estimate.
+``recompute``
+    Re-runs forward and first backward for each vector, chunk by chunk, so memory is bounded by
+    one chunk. Each product then costs one extra forward and backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from stabcheck.engine.objective import Objective
+
+HVP_METHODS = ("retained", "recompute")
+
+
+class HessianOperator:
+    """The symmetric operator v -> H v on flat vectors, with H the Hessian of the objective.
+
+    Parameters that the forward pass never uses have a zero gradient and zero Hessian rows; they
+    are listed in ``unused_parameters``. ``num_matvecs`` counts the products computed so far.
+    """
+
+    def __init__(self, objective: Objective, *, method: str = "retained") -> None:
+        if method not in HVP_METHODS:
+            raise ValueError(f"unknown HVP method {method!r}; use one of {HVP_METHODS}")
+        self.objective = objective
+        self.layout = objective.layout
+        self.method = method
+        self.dim = objective.dim
+        self.dtype = objective.dtype
+        self.device = objective.device
+        self.num_matvecs = 0
+        self._params = [objective.point[name].clone().requires_grad_(True) for name in self.layout.names]
+        self._retained: list[torch.Tensor | None] | None = None
+
+        gradients, loss = self._first_order(keep_graph=method == "retained")
+        self.loss = float(loss)
+        self.unused_parameters = tuple(
+            name for name, gradient in zip(self.layout.names, gradients) if gradient is None
+        )
+        self.gradient = self.layout.flatten(
+            [
+                torch.zeros_like(p) if g is None else g.detach()
+                for p, g in zip(self._params, gradients)
+            ]
+        )
+        if method == "retained":
+            self._retained = gradients
+
+    def _param_dict(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.layout.names, self._params))
+
+    def _first_order(self, *, keep_graph: bool) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+        params = self._param_dict()
+        total: list[torch.Tensor | None] = [None] * len(self._params)
+        loss_value = torch.zeros((), dtype=self.dtype, device=self.device)
+        pieces = [self.objective.chunk_loss(params, x, y) for x, y in self.objective.chunks()]
+        decay = self.objective.decay_term(params)
+        if decay is not None:
+            pieces.append(decay)
+        for piece in pieces:
+            gradients = torch.autograd.grad(
+                piece, self._params, create_graph=True, allow_unused=True, retain_graph=keep_graph
+            )
+            total = [_add(a, b) for a, b in zip(total, gradients)]
+            loss_value = loss_value + piece.detach()
+        return total, loss_value
+
+    def matvec(self, vector: torch.Tensor) -> torch.Tensor:
+        """Return H @ vector for a flat vector of length ``dim``."""
+        pieces = self.layout.unflatten(vector.to(dtype=self.dtype, device=self.device))
+        if self.method == "retained":
+            assert self._retained is not None
+            products = self._second_order(self._retained, pieces, retain=True)
+        else:
+            params = self._param_dict()
+            products = [None] * len(self._params)
+            terms = [self.objective.chunk_loss(params, x, y) for x, y in self.objective.chunks()]
+            decay = self.objective.decay_term(params)
+            if decay is not None:
+                terms.append(decay)
+            for term in terms:
+                gradients = torch.autograd.grad(term, self._params, create_graph=True, allow_unused=True)
+                products = [_add(a, b) for a, b in zip(products, self._second_order(list(gradients), pieces, retain=False))]
+        self.num_matvecs += 1
+        return self.layout.flatten(
+            [torch.zeros_like(p) if h is None else h for p, h in zip(self._params, products)]
+        )
+
+    def _second_order(
+        self, gradients: list[torch.Tensor | None], pieces: list[torch.Tensor], *, retain: bool
+    ) -> list[torch.Tensor | None]:
+        # Gradients that do not depend on the parameters (the objective is linear in them)
+        # contribute nothing; autograd cannot differentiate them, so they are left out.
+        outputs, grad_outputs = [], []
+        for gradient, piece in zip(gradients, pieces):
+            if gradient is not None and gradient.requires_grad:
+                outputs.append(gradient)
+                grad_outputs.append(piece)
+        if not outputs:
+            return [None] * len(self._params)
+        products = torch.autograd.grad(
+            outputs, self._params, grad_outputs=grad_outputs, retain_graph=retain, allow_unused=True
+        )
+        return [None if h is None else h.detach() for h in products]
+
+    def release(self) -> None:
+        """Drop the retained graph so its memory can be freed."""
+        self._retained = None
+        if self.method == "retained":
+            self.method = "recompute"
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def scaled_operator(operator: Callable[[torch.Tensor], torch.Tensor], scale: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Return v -> D H D v with D = diag(scale), the symmetric form of a diagonal preconditioning."""
+
+    def matvec(vector: torch.Tensor) -> torch.Tensor:
+        return scale * operator(scale * vector)
+
+    return matvec

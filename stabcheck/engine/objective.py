@@ -1,0 +1,204 @@
+r"""The training objective as a function of the model's parameters.
+
+.. math::
+
+    L(\theta) = \frac{1}{N} \sum_{i=1}^{N} \ell(f(x_i; \theta), y_i)
+                + \sum_j \frac{w_j}{2} \lVert \theta_j \rVert^2
+
+over a fixed analysis set, where :math:`w_j` is the coupled L2 weight decay that the optimizer
+applies to parameter :math:`j` (SGD's and Adam's ``weight_decay``; AdamW's decoupled decay is not
+part of the objective). The model runs through ``torch.func.functional_call`` on copies of its
+parameters and buffers, so the module itself, its ``.grad`` fields and its buffers stay as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from stabcheck.errors import DataError, SpecError
+
+PerExampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+BUILTIN_LOSSES = ("cross_entropy", "mse")
+
+
+def cross_entropy_per_example(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def mse_per_example(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Squared error averaged over each example's elements.
+
+    The mean of these values equals ``F.mse_loss(outputs, targets)`` with mean reduction over
+    all elements, because every example has the same number of elements.
+    """
+    if targets.shape != outputs.shape:
+        raise ValueError(
+            f"mse needs targets shaped like the outputs {tuple(outputs.shape)}, got {tuple(targets.shape)}"
+            " (class-index targets need --loss cross_entropy, or one-hot encoding)"
+        )
+    squared = F.mse_loss(outputs, targets.to(outputs.dtype), reduction="none")
+    return squared.reshape(squared.shape[0], -1).mean(dim=1)
+
+
+def builtin_loss(name: str) -> PerExampleLoss:
+    if name == "cross_entropy":
+        return cross_entropy_per_example
+    if name == "mse":
+        return mse_per_example
+    raise SpecError(f"--loss {name!r} is not a built-in loss ({', '.join(BUILTIN_LOSSES)}) or a file.py:function spec.")
+
+
+@contextlib.contextmanager
+def module_mode(model: torch.nn.Module, *, training: bool) -> Iterator[None]:
+    """Put every submodule in train or eval mode, then restore each one's own flag."""
+    saved = [(module, module.training) for module in model.modules()]
+    model.train(training)
+    try:
+        yield
+    finally:
+        for module, flag in saved:
+            module.training = flag
+
+
+@dataclass(frozen=True)
+class ParameterLayout:
+    """Names, shapes and offsets of the trainable parameters in the flat vector."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+    offsets: tuple[int, ...]
+
+    @property
+    def dim(self) -> int:
+        return self.offsets[-1]
+
+    def slice(self, name: str) -> slice:
+        index = self.names.index(name)
+        return slice(self.offsets[index], self.offsets[index + 1])
+
+    def flatten(self, tensors: Mapping[str, torch.Tensor] | list[torch.Tensor]) -> torch.Tensor:
+        if isinstance(tensors, Mapping):
+            tensors = [tensors[name] for name in self.names]
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def unflatten(self, vector: torch.Tensor) -> list[torch.Tensor]:
+        return [
+            vector[self.offsets[i] : self.offsets[i + 1]].view(shape)
+            for i, shape in enumerate(self.shapes)
+        ]
+
+
+class Objective:
+    """Mean per-example loss of a model over a fixed analysis set, in a chosen dtype and device.
+
+    The model runs in eval mode unless ``training=True``. ``chunk_size`` bounds how many examples
+    one forward pass sees, and the loss does not depend on it.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        loss: PerExampleLoss,
+        *,
+        weight_decay: Mapping[str, float] | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        chunk_size: int | None = None,
+        training: bool = False,
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.training = training
+        self.inputs = _cast(inputs, dtype, self.device)
+        self.targets = _cast(targets, dtype, self.device)
+        self.num_samples = int(self.inputs.shape[0])
+        self.chunk_size = chunk_size or self.num_samples
+
+        trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise SpecError("the model has no trainable parameters (requires_grad=True); nothing to analyze.")
+        offsets = [0]
+        for _, parameter in trainable:
+            offsets.append(offsets[-1] + parameter.numel())
+        self.layout = ParameterLayout(
+            names=tuple(name for name, _ in trainable),
+            shapes=tuple(p.shape for _, p in trainable),
+            offsets=tuple(offsets),
+        )
+        self.point = {name: _cast(p.detach(), dtype, self.device).clone() for name, p in trainable}
+        self.frozen = {
+            name: _cast(p.detach(), dtype, self.device).clone()
+            for name, p in model.named_parameters()
+            if not p.requires_grad
+        }
+        self.buffers = {name: _cast(b.detach(), dtype, self.device).clone() for name, b in model.named_buffers()}
+        self.weight_decay = {name: float(w) for name, w in (weight_decay or {}).items() if w}
+
+    @property
+    def dim(self) -> int:
+        return self.layout.dim
+
+    def flat_point(self) -> torch.Tensor:
+        return self.layout.flatten(self.point)
+
+    def outputs(self, params: Mapping[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+        # Buffers are cloned for each call so that a train-mode forward cannot update them in place.
+        state = {**self.frozen, **params, **{name: b.clone() for name, b in self.buffers.items()}}
+        with module_mode(self.model, training=self.training):
+            return functional_call(self.model, state, (inputs,), strict=True)
+
+    def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, self.num_samples, self.chunk_size):
+            stop = start + self.chunk_size
+            yield self.inputs[start:stop], self.targets[start:stop]
+
+    def per_example_losses(self, params: Mapping[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        try:
+            outputs = self.outputs(params, inputs)
+            losses = self.loss_fn(outputs, targets)
+        except (RuntimeError, ValueError, IndexError) as error:
+            raise DataError(
+                f"the loss cannot be computed on the model's outputs and the data's targets "
+                f"(inputs {tuple(inputs.shape)}, targets {tuple(targets.shape)} {targets.dtype}): "
+                f"{str(error).splitlines()[0]}. Check --loss against the targets the data spec returns."
+            ) from None
+        if not isinstance(losses, torch.Tensor) or losses.shape != (inputs.shape[0],):
+            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+            raise SpecError(
+                f"the loss returned {shape} for a batch of {inputs.shape[0]} examples; expected one "
+                f"loss per example, shape ({inputs.shape[0]},). A loss spec must not reduce over the batch."
+            )
+        return losses
+
+    def chunk_loss(self, params: Mapping[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """This chunk's share of the objective: its loss sum over N, without the decay term."""
+        return self.per_example_losses(params, inputs, targets).sum() / self.num_samples
+
+    def decay_term(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        terms = [0.5 * w * params[name].pow(2).sum() for name, w in self.weight_decay.items() if name in params]
+        return torch.stack(terms).sum() if terms else None
+
+    def value(self, params: Mapping[str, torch.Tensor] | None = None) -> float:
+        params = self.point if params is None else params
+        with torch.no_grad():
+            total = sum(self.chunk_loss(params, x, y) for x, y in self.chunks())
+            decay = self.decay_term(params)
+            if decay is not None:
+                total = total + decay
+        return float(total)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if tensor.is_floating_point():
+        return tensor.to(device=device, dtype=dtype)
+    return tensor.to(device=device)

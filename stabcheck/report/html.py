@@ -1,0 +1,253 @@
+"""The self-contained HTML audit report: verdict and gates, one section per analyzer, provenance.
+
+Everything is inline (CSS, PNG plots as data URIs), so the file opens offline and makes no
+network requests. Every string that comes from the user or the file system is escaped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from html import escape
+from typing import Any
+
+from stabcheck.analyzers.registry import ANALYZERS
+from stabcheck.report import plots
+from stabcheck.report.model import Report
+from stabcheck.report.terminal import checkpoint_label, format_value
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 60rem;
+       color: #1a1a1a; line-height: 1.45; padding: 0 1rem; }
+h1 { margin-bottom: 0.2rem; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2rem; margin-top: 2rem; }
+table { border-collapse: collapse; margin: 0.6rem 0; font-size: 0.92rem; }
+th, td { border: 1px solid #d0d0d0; padding: 0.25rem 0.55rem; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.badge { display: inline-block; padding: 0.1rem 0.6rem; border-radius: 0.8rem; font-weight: 600; }
+.pass, .ok { background: #dff3e3; color: #17612c; } .warn { background: #fff3cd; color: #7a5a00; }
+.fail, .error { background: #f8d7da; color: #8a1c24; } .inconclusive { background: #eadcf5; color: #5b2a86; }
+.skipped { background: #eee; color: #555; }
+.notes li { color: #444; } .meaning { color: #333; } code { font-size: 0.88rem; word-break: break-all; }
+img { max-width: 100%; }
+@media print { body { margin: 0; max-width: none; } h2 { page-break-after: avoid; }
+  section, table, img { page-break-inside: avoid; } }
+"""
+
+
+def _badge(status: str) -> str:
+    return f'<span class="badge {escape(status)}">{escape(status)}</span>'
+
+
+def _num(value: Any) -> str:
+    return f'<td class="num">{escape(format_value(value))}</td>'
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _cell(text: Any) -> str:
+    return f"<td>{escape(str(text))}</td>"
+
+
+def _notes(notes: list[str]) -> str:
+    if not notes:
+        return ""
+    items = "".join(f"<li>{escape(note)}</li>" for note in notes)
+    return f'<ul class="notes">{items}</ul>'
+
+
+def render_html(report: Report) -> str:
+    """Render the whole report as one HTML document."""
+    verdict = report.verdict()
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>stabcheck report: {escape(verdict)}</title>",
+        f"<style>{STYLE}</style></head><body>",
+        "<h1>stabcheck audit report</h1>",
+        f"<p>Verdict: {_badge(verdict)} &nbsp; exit code <strong>{report.exit_code}</strong> &nbsp; "
+        f"{len(report.checkpoints)} checkpoint(s), model <code>{escape(str(report.model['spec']))}</code>, "
+        f"{report.data['num_samples']:,} samples.</p>",
+        _gates_section(report),
+    ]
+    for analyzer_id in report.analyzer_ids():
+        renderer = SECTION_RENDERERS.get(analyzer_id, _generic_section)
+        parts.append(renderer(report, analyzer_id))
+    parts.append(_provenance_section(report))
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _gates_section(report: Report) -> str:
+    if not report.gates:
+        return "<h2>Gates</h2><p>No gates applied to the analyzers that ran.</p>"
+    rows = []
+    for gate in report.gates:
+        label = checkpoint_label(report.checkpoints[gate["checkpoint"]], gate["checkpoint"])
+        rows.append(
+            [
+                f"<td><code>{escape(gate['name'])}</code></td>",
+                _cell(label),
+                _num(gate["value"]),
+                _num(gate["warn"]),
+                _num(gate["fail"]),
+                f"<td>{_badge(gate['status'])}</td>",
+                _cell(gate.get("reason") or ""),
+            ]
+        )
+    return "<h2>Gates</h2>" + _table(["gate", "checkpoint", "value", "warn above", "fail above", "status", "reason"], rows)
+
+
+def _interpretation(analyzer_id: str) -> str:
+    analyzer = ANALYZERS.get(analyzer_id)
+    if analyzer is None:
+        return ""
+    items = "".join(
+        f"<li><strong>{escape(name)}</strong>: {escape(text)}</li>" for name, text in analyzer.interpretation.items()
+    )
+    limits = "".join(f"<li>{escape(text)}</li>" for text in analyzer.limits)
+    limits_block = f"<p>Limits:</p><ul>{limits}</ul>" if limits else ""
+    return f'<div class="meaning"><p>Source: {escape(analyzer.reference)}.</p><ul>{items}</ul>{limits_block}</div>'
+
+
+def _metrics_table(metrics: dict[str, Any]) -> str:
+    rows = [[f"<td>{escape(name)}</td>", _num(value)] for name, value in metrics.items()]
+    return _table(["metric", "value"], rows)
+
+
+def _sharpness_section(report: Report, analyzer_id: str) -> str:
+    analyzer = ANALYZERS[analyzer_id]
+    parts = [f"<section><h2>{escape(analyzer.title)} <small>({escape(analyzer_id)})</small></h2>", _interpretation(analyzer_id)]
+    entries = [(e["checkpoint"], e["analyzers"][analyzer_id]) for e in report.results if analyzer_id in e["analyzers"]]
+
+    if len(entries) > 1:
+        steps = [
+            report.checkpoints[index]["step"] if report.checkpoints[index].get("step") is not None else index
+            for index, _ in entries
+        ]
+        has_steps = all(report.checkpoints[index].get("step") is not None for index, _ in entries)
+        preconditioned = any(result["metrics"].get("preconditioned_lambda_max") is not None for _, result in entries)
+        key = "preconditioned_lambda_max" if preconditioned else "lambda_max"
+        uri = plots.trajectory_plot(
+            steps,
+            [result["metrics"].get(key) for _, result in entries],
+            [result["metrics"].get("threshold") for _, result in entries],
+            ylabel=key,
+            title=f"{key} against the stability threshold",
+            xlabel="training step" if has_steps else "checkpoint",
+        )
+        parts.append(f'<img alt="{escape(key)} over checkpoints" src="{uri}">')
+
+    for index, result in entries:
+        label = checkpoint_label(report.checkpoints[index], index)
+        metrics = result["metrics"]
+        diagnostics = result["diagnostics"]
+        parts.append(f"<h3>{escape(label)} {_badge(result['status'])}</h3>")
+        threshold, compared = metrics.get("threshold"), metrics.get("preconditioned_lambda_max") or metrics.get("lambda_max")
+        if threshold is not None and compared is not None:
+            parts.append(
+                f"<p>Compared value {escape(format_value(compared))} against threshold "
+                f"{escape(format_value(threshold))} ({escape(str(diagnostics.get('threshold_rule', '')))}): "
+                f"edge_ratio <strong>{escape(format_value(metrics.get('edge_ratio')))}</strong>.</p>"
+            )
+        parts.append(_metrics_table({k: v for k, v in metrics.items()}))
+        lanczos = diagnostics.get("lanczos")
+        if lanczos:
+            uri = plots.ritz_value_plot(
+                lanczos["top_ritz_values"],
+                lanczos["top_residuals"],
+                lanczos["ritz_values"],
+                threshold,
+                preconditioned=metrics.get("preconditioned_lambda_max"),
+                title=f"Ritz values, {label}",
+            )
+            parts.append(f'<img alt="Ritz values and residuals" src="{uri}">')
+            rows = [
+                [_cell(f"top {rank + 1}"), _num(value), _num(residual)]
+                for rank, (value, residual) in enumerate(zip(lanczos["top_ritz_values"], lanczos["top_residuals"]))
+            ]
+            rows += [
+                [_cell("smallest"), _num(value), _num(residual)]
+                for value, residual in zip(lanczos["bottom_ritz_values"], lanczos["bottom_residuals"])
+            ]
+            parts.append(
+                "<p>Ritz values with their residual norms |Hy - θy|, recomputed with one extra product "
+                "each. Some Hessian eigenvalue lies within the residual of each Ritz value.</p>"
+            )
+            parts.append(_table(["Ritz value", "value", "residual"], rows))
+            parts.append(
+                f"<p>Lanczos: {lanczos['iterations']} steps, {lanczos['matvecs']} Hessian-vector products, "
+                f"converged {escape(format_value(lanczos['converged']))} at tolerance {lanczos['tol']:g} "
+                f"(residual over the largest Ritz value), seed {lanczos['seed']}.</p>"
+            )
+        parts.append(_notes(result["notes"]))
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _generic_section(report: Report, analyzer_id: str) -> str:
+    analyzer = ANALYZERS.get(analyzer_id)
+    title = analyzer.title if analyzer else analyzer_id
+    parts = [f"<section><h2>{escape(title)} <small>({escape(analyzer_id)})</small></h2>", _interpretation(analyzer_id)]
+    for entry in report.results:
+        result = entry["analyzers"].get(analyzer_id)
+        if result is None:
+            continue
+        label = checkpoint_label(report.checkpoints[entry["checkpoint"]], entry["checkpoint"])
+        parts.append(f"<h3>{escape(label)} {_badge(result['status'])}</h3>")
+        parts.append(_metrics_table(result["metrics"]))
+        parts.append(_notes(result["notes"]))
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _provenance_section(report: Report) -> str:
+    run = report.run
+    rows = [
+        ["command", " ".join(run.get("command") or [])],
+        ["started at (UTC)", run["started_at"]],
+        ["stabcheck", report.tool["version"]],
+        ["torch", run["torch_version"]],
+        ["python", run["python_version"]],
+        ["host", run["host"]],
+        ["platform", run.get("platform", "")],
+        ["device", run["device"]],
+        ["dtype", run["dtype"]],
+        ["seed", run["seed"]],
+        ["model spec", report.model["spec"]],
+        ["model kwargs", json.dumps(report.model.get("kwargs", {}))],
+        ["trainable parameters", f"{report.model['num_parameters']:,}"],
+        ["model mode", report.model["mode"]],
+        ["data spec", report.data["spec"]],
+        ["data kwargs", json.dumps(report.data.get("kwargs", {}))],
+        ["data source", report.data.get("source", "")],
+        ["samples analyzed", report.data["num_samples"]],
+        ["classes", report.data["num_classes"]],
+        ["loss", report.data.get("loss", "")],
+        ["training settings", json.dumps(report.training)],
+        ["estimator settings", json.dumps(report.estimator)],
+    ]
+    table = _table(["field", "value"], [[_cell(k), f"<td><code>{escape(str(v))}</code></td>"] for k, v in rows])
+    checkpoint_rows = [
+        [
+            _cell(index),
+            f"<td><code>{escape(str(entry['path']))}</code></td>",
+            _cell(entry.get("step") if entry.get("step") is not None else ""),
+            _cell(entry["format"]),
+            _cell(entry.get("weight_set") or ""),
+            _cell(entry.get("stripped_prefix") or ""),
+            f"<td><code>{escape(str(entry.get('sha256') or ''))}</code></td>",
+        ]
+        for index, entry in enumerate(report.checkpoints)
+    ]
+    checkpoints = _table(["#", "path", "step", "format", "weight set", "stripped prefix", "SHA-256"], checkpoint_rows)
+    return "<section><h2>Provenance</h2>" + table + "<h3>Checkpoints</h3>" + checkpoints + _notes(report.notes) + "</section>"
+
+
+SECTION_RENDERERS: dict[str, Callable[[Report, str], str]] = {
+    "sharpness": _sharpness_section,
+}

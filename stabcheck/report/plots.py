@@ -1,0 +1,81 @@
+"""Matplotlib figures for the HTML report, returned as base64 PNG data URIs."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+FIGURE_SIZE = (6.4, 3.4)
+DPI = 110
+
+
+def _to_data_uri(figure: plt.Figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
+    plt.close(figure)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def ritz_value_plot(
+    values: Sequence[float],
+    residuals: Sequence[float],
+    more_values: Sequence[float],
+    threshold: float | None,
+    *,
+    preconditioned: float | None = None,
+    title: str = "Largest Ritz values",
+) -> str:
+    """Plot the top Ritz values with residual error bars against the stability threshold.
+
+    ``more_values`` are further Ritz values, descending, drawn without error bars as context.
+    """
+    figure, axes = plt.subplots(figsize=FIGURE_SIZE)
+    context_positions = list(range(1, len(more_values) + 1))
+    if more_values:
+        axes.scatter(context_positions, more_values, color="#9bb3c9", zorder=1, label="further Ritz values")
+    positions = list(range(1, len(values) + 1))
+    axes.errorbar(positions, values, yerr=residuals, fmt="o", color="#1f4e79", capsize=3, label="Ritz value ± residual")
+    if threshold is not None and preconditioned is None:
+        axes.axhline(threshold, color="#b22222", linestyle="--", label=f"threshold {threshold:.4g}")
+    if preconditioned is not None:
+        axes.scatter([1], [preconditioned], marker="D", color="#d2691e", zorder=3, label=f"preconditioned λmax {preconditioned:.4g}")
+        if threshold is not None:
+            axes.axhline(threshold, color="#b22222", linestyle="--", label=f"Adam threshold {threshold:.4g}")
+    axes.set_xlabel("rank")
+    axes.set_ylabel("eigenvalue")
+    axes.set_title(title)
+    axes.set_xticks(context_positions or positions)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    return _to_data_uri(figure)
+
+
+def trajectory_plot(
+    steps: Sequence[float],
+    values: Sequence[float | None],
+    thresholds: Sequence[float | None],
+    *,
+    ylabel: str,
+    title: str,
+    xlabel: str = "training step",
+) -> str:
+    """Plot a metric over checkpoints with its threshold line (the edge-of-stability picture)."""
+    figure, axes = plt.subplots(figsize=FIGURE_SIZE)
+    points = [(s, v) for s, v in zip(steps, values) if v is not None]
+    if points:
+        axes.plot(*zip(*points), "o-", color="#1f4e79", label=ylabel)
+    limits = [(s, t) for s, t in zip(steps, thresholds) if t is not None]
+    if limits:
+        axes.plot(*zip(*limits), "--", color="#b22222", label="threshold")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    return _to_data_uri(figure)

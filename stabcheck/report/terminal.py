@@ -1,0 +1,121 @@
+"""The rich terminal summary: one table per analyzer with a row per checkpoint, then the gates."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from stabcheck.analyzers.registry import ANALYZERS
+from stabcheck.report.model import Report
+
+STATUS_STYLES = {
+    "ok": "green",
+    "pass": "green",
+    "warn": "yellow",
+    "skipped": "dim",
+    "inconclusive": "magenta",
+    "fail": "bold red",
+    "error": "bold red",
+}
+MAX_NOTES_PER_ANALYZER = 4
+
+
+def format_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    return str(value)
+
+
+def checkpoint_label(entry: dict[str, Any], index: int) -> str:
+    if entry.get("path") is None:
+        return "in-memory model"
+    name = entry["path"].rsplit("/", 1)[-1]
+    return f"{name} (step {entry['step']})" if entry.get("step") is not None else name
+
+
+def render_terminal(report: Report, console: Console) -> None:
+    """Print the summary: analyzer tables, one line of meaning per metric, gates and verdict."""
+    console.print(
+        f"[bold]stabcheck {report.tool['version']}[/bold]  model {report.model['spec']} "
+        f"({report.model['num_parameters']:,} parameters, {report.model['mode']} mode)  "
+        f"data {report.data['num_samples']:,} samples  dtype {report.run['dtype']}  seed {report.run['seed']}"
+    )
+    training = report.training
+    if training.get("lr") is not None:
+        console.print(
+            f"training: {training['optimizer']} lr={format_value(training['lr'])} "
+            f"(from {training['source']})"
+        )
+    for analyzer_id in report.analyzer_ids():
+        _render_analyzer(report, analyzer_id, console)
+    _render_gates(report, console)
+
+
+def _render_analyzer(report: Report, analyzer_id: str, console: Console) -> None:
+    analyzer = ANALYZERS.get(analyzer_id)
+    metric_names = [
+        name
+        for name in (analyzer.metric_names if analyzer else ())
+        if any(_is_shown(entry["analyzers"].get(analyzer_id, {}).get("metrics", {}).get(name)) for entry in report.results)
+    ]
+    title = analyzer.title if analyzer else analyzer_id
+    table = Table(title=f"{title} [dim]({analyzer_id})[/dim]", title_justify="left")
+    table.add_column("checkpoint")
+    table.add_column("status")
+    for name in metric_names:
+        table.add_column(name, justify="right")
+    notes: list[str] = []
+    for entry in report.results:
+        result = entry["analyzers"].get(analyzer_id)
+        if result is None:
+            continue
+        label = checkpoint_label(report.checkpoints[entry["checkpoint"]], entry["checkpoint"])
+        status = Text(result["status"], style=STATUS_STYLES.get(result["status"], ""))
+        table.add_row(label, status, *(format_value(result["metrics"].get(name)) for name in metric_names))
+        for note in result["notes"]:
+            if note not in notes:
+                notes.append(note)
+    console.print(table)
+    if analyzer:
+        for name in metric_names:
+            first_sentence = analyzer.interpretation.get(name, "").split(". ")[0].rstrip(".")
+            console.print(f"  [bold]{name}[/bold]: {first_sentence}.", highlight=False)
+    for note in notes[:MAX_NOTES_PER_ANALYZER]:
+        console.print(f"  [dim]note: {note}[/dim]", highlight=False)
+    if len(notes) > MAX_NOTES_PER_ANALYZER:
+        console.print(f"  [dim]({len(notes) - MAX_NOTES_PER_ANALYZER} more notes in the JSON and HTML reports)[/dim]")
+
+
+def _is_shown(value: Any) -> bool:
+    return value is not None and not isinstance(value, (list, dict))
+
+
+def _render_gates(report: Report, console: Console) -> None:
+    if report.gates:
+        table = Table(title="Gates", title_justify="left")
+        table.add_column("gate", no_wrap=True)
+        table.add_column("checkpoint", overflow="fold")
+        for column in ("value", "warn above", "fail above"):
+            table.add_column(column, justify="right")
+        table.add_column("status", no_wrap=True)
+        for gate in report.gates:
+            label = checkpoint_label(report.checkpoints[gate["checkpoint"]], gate["checkpoint"])
+            status = Text(gate["status"], style=STATUS_STYLES.get(gate["status"], ""))
+            table.add_row(gate["name"], label, format_value(gate["value"]), format_value(gate["warn"]), format_value(gate["fail"]), status)
+        console.print(table)
+        for gate in report.gates:
+            if gate.get("reason"):
+                console.print(f"  [magenta]{gate['name']}[/magenta]: {gate['reason']}", highlight=False)
+    verdict = report.verdict()
+    console.print(
+        Text(f"verdict: {verdict} (exit code {report.exit_code})", style=STATUS_STYLES.get(verdict, "bold"))
+    )

@@ -1,0 +1,254 @@
+"""The command line through typer's CliRunner: exit codes, messages and report files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from stabcheck.cli import app
+from toy_project import ToyProject, write_toy_project
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> ToyProject:
+    return write_toy_project(tmp_path_factory.mktemp("toy"))
+
+
+def invoke(project: ToyProject, *extra: str, model: str = "build_model", data: str = "load_data"):
+    arguments = ["analyze", str(project.checkpoint), "--model", project.spec(model), "--data", project.spec(data), *extra]
+    return runner.invoke(app, arguments)
+
+
+def test_passing_run_writes_every_report(project, tmp_path):
+    outputs = {name: tmp_path / name for name in ("r.json", "r.html", "r.xml", "r.md")}
+    result = invoke(
+        project,
+        "--json", str(outputs["r.json"]), "--html", str(outputs["r.html"]),
+        "--junit", str(outputs["r.xml"]), "--markdown", str(outputs["r.md"]),
+    )
+    assert result.exit_code == 0, result.output
+    assert "verdict: pass" in result.stdout
+    document = json.loads(outputs["r.json"].read_text())
+    assert document["schema_version"] == 1
+    assert set(document) >= {"tool", "run", "checkpoints", "model", "data", "training", "results", "gates", "exit_code"}
+    assert document["exit_code"] == 0
+    assert document["training"] == {
+        "optimizer": "sgd", "lr": project.lr, "momentum": 0.0, "betas": None,
+        "weight_decay": 0.0, "batch_size": None, "source": "checkpoint",
+    }
+    sharpness = document["results"][0]["analyzers"]["sharpness"]
+    assert sharpness["status"] == "ok"
+    assert sharpness["metrics"]["threshold"] == pytest.approx(2 / project.lr)
+    assert sharpness["metrics"]["edge_ratio"] == pytest.approx(sharpness["metrics"]["lambda_max"] * project.lr / 2)
+    assert document["checkpoints"][0]["sha256"] == hashlib.sha256(project.checkpoint.read_bytes()).hexdigest()
+    assert document["model"]["num_parameters"] == 5 * 8 + 8 + 8 * 3 + 3
+    assert document["data"]["num_classes"] == 3
+    assert '<testsuite name="stabcheck" tests="1" failures="0"' in outputs["r.xml"].read_text()
+    assert "| `sharpness.edge_ratio` |" in outputs["r.md"].read_text()
+    html = outputs["r.html"].read_text()
+    assert "Ritz value" in html
+    assert "data:image/png;base64," in html
+
+
+def test_json_to_stdout_moves_summary_to_stderr(project):
+    result = invoke(project, "--json", "-")
+    assert result.exit_code == 0
+    document = json.loads(result.stdout)
+    assert document["exit_code"] == 0
+    assert "verdict: pass" in result.stderr
+
+
+def test_failed_gate_exits_1(project):
+    # An lr far above the stable range makes edge_ratio = lambda_max * lr / 2 exceed 1.2.
+    result = invoke(project, "--lr", "100")
+    assert result.exit_code == 1, result.output
+    assert "fail" in result.stdout
+
+
+def test_user_gate_from_config_file(project, tmp_path):
+    config = tmp_path / "stabcheck.toml"
+    config.write_text('[gates]\n"sharpness.lambda_max" = { fail = 1e-9 }\n')
+    result = invoke(project, "--config", str(config))
+    assert result.exit_code == 1
+    assert "sharpness.lambda_max" in result.stdout
+
+
+def test_unconverged_estimate_exits_3(project, tmp_path):
+    output = tmp_path / "r.json"
+    result = invoke(project, "--lanczos-iters", "2", "--lanczos-tol", "1e-12", "--json", str(output))
+    assert result.exit_code == 3, result.output
+    document = json.loads(output.read_text())
+    assert document["exit_code"] == 3
+    assert document["results"][0]["analyzers"]["sharpness"]["status"] == "inconclusive"
+    assert document["results"][0]["analyzers"]["sharpness"]["metrics"]["lambda_max"] is None
+    assert document["gates"][0]["status"] == "inconclusive"
+
+
+def test_missing_learning_rate_is_inconclusive(project, tmp_path):
+    bare = tmp_path / "bare.pt"
+    torch.save(torch.load(project.checkpoint, weights_only=True)["model_state_dict"], bare)
+    result = runner.invoke(app, ["analyze", str(bare), "--model", project.spec("build_model"), "--data", project.spec("load_data")])
+    assert result.exit_code == 3
+    assert "pass --lr" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--model", "nowhere.py:build_model"], "file not found"),
+        (["--model", "{spec}:missing_function"], "has no attribute 'missing_function'"),
+        (["--model", "{spec}:not_a_model"], "returned int; expected a torch.nn.Module"),
+        (["--model", "no_such_package_xyz.module:build"], "cannot be imported"),
+        (["--model-kwargs", "{not json"], "is not valid JSON"),
+        (["--model-kwargs", '{"width": 9}'], "has tensors whose shapes differ"),
+        (["--data", "{spec}:empty_data"], "returned no examples"),
+        (["--loss", "{spec}:summed_loss"], "expected one loss per example"),
+        (["--loss", "mse"], "the loss cannot be computed"),
+        (["--analyzers", "sharpnes"], "unknown analyzer 'sharpnes'; valid ids: sharpness"),
+        (["--lr", "-1"], "--lr must be a positive number"),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--dtype", "float64", "--lanczos-iters", "1"], "--"),
+    ],
+)
+def test_bad_input_exits_2_with_message(project, arguments, message):
+    arguments = [a.replace("{spec}", str(project.spec_file)) for a in arguments]
+    base = {"--model": project.spec("build_model"), "--data": project.spec("load_data")}
+    for flag in ("--model", "--data"):
+        if flag in arguments:
+            base.pop(flag)
+    command = ["analyze", str(project.checkpoint)] + [x for pair in base.items() for x in pair] + arguments
+    result = runner.invoke(app, command)
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.stderr
+    assert message in " ".join(result.stderr.split())
+
+
+def test_corrupt_checkpoint_exits_2_and_writes_no_report(project, tmp_path):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(project.checkpoint.read_bytes()[:300])
+    existing = tmp_path / "existing.json"
+    existing.write_text("previous report")
+    fresh = tmp_path / "fresh.html"
+    result = runner.invoke(
+        app,
+        ["analyze", str(broken), "--model", project.spec("build_model"), "--data", project.spec("load_data"),
+         "--json", str(existing), "--html", str(fresh)],
+    )
+    assert result.exit_code == 2
+    assert "broken.pt is truncated or corrupt" in " ".join(result.stderr.split())
+    assert existing.read_text() == "previous report"
+    assert not fresh.exists()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_unsafe_checkpoint_needs_trust_flag(project, tmp_path):
+    from test_checkpoint import FileCreatingPayload
+
+    marker = tmp_path / "marker"
+    state = torch.load(project.checkpoint, weights_only=True)
+    state["payload"] = FileCreatingPayload(marker)
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save(state, unsafe)
+    arguments = ["analyze", str(unsafe), "--model", project.spec("build_model"), "--data", project.spec("load_data")]
+    refused = runner.invoke(app, arguments)
+    assert refused.exit_code == 2
+    assert "--trust-checkpoint" in refused.stderr
+    assert not marker.exists()
+    trusted = runner.invoke(app, arguments + ["--trust-checkpoint"])
+    assert trusted.exit_code == 0, trusted.output
+    assert marker.exists()
+
+
+def test_config_errors_exit_2(project, tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('learning_rate = 0.1\n')
+    result = invoke(project, "--config", str(config))
+    assert result.exit_code == 2
+    assert "unknown keys learning_rate" in result.stderr
+
+    config.write_text('[gates]\n"sharpness.sharp" = { fail = 1 }\n')
+    result = invoke(project, "--config", str(config))
+    assert result.exit_code == 2
+    assert "valid metrics: lambda_max" in " ".join(result.stderr.split())
+
+
+def test_config_file_specs_are_relative_to_the_file(project, tmp_path, monkeypatch):
+    config = project.folder / "stabcheck.toml"
+    config.write_text('model = "toyspec.py:build_model"\ndata = "toyspec.py:load_data"\nlr = 0.5\n')
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["analyze", str(project.checkpoint), "--config", str(config)])
+    config.unlink()
+    assert result.exit_code == 0, result.output
+
+
+def test_same_seed_gives_same_numbers(project, tmp_path):
+    documents = []
+    for name in ("a.json", "b.json"):
+        result = invoke(project, "--json", str(tmp_path / name), "--seed", "5")
+        assert result.exit_code == 0
+        documents.append(json.loads((tmp_path / name).read_text()))
+    assert documents[0]["results"] == documents[1]["results"]
+    assert documents[0]["gates"] == documents[1]["gates"]
+    other = invoke(project, "--json", str(tmp_path / "c.json"), "--seed", "6")
+    assert other.exit_code == 0
+    diagnostics = json.loads((tmp_path / "c.json").read_text())["results"][0]["analyzers"]["sharpness"]["diagnostics"]
+    assert diagnostics["lanczos"]["seed"] == 6
+
+
+def test_shuffled_loader_gives_same_numbers(project, tmp_path):
+    values = []
+    for name in ("a.json", "b.json"):
+        result = invoke(project, "--data", project.spec("load_loader"), "--json", str(tmp_path / name), "--max-samples", "50")
+        assert result.exit_code == 0, result.output
+        document = json.loads((tmp_path / name).read_text())
+        assert document["data"]["num_samples"] == 50
+        values.append(document["results"][0]["analyzers"]["sharpness"]["metrics"])
+    assert values[0] == values[1]
+
+
+def test_batchnorm_model_and_file_unchanged(tmp_path):
+    project = write_toy_project(tmp_path / "bn", model="build_bn_model")
+    digest = hashlib.sha256(project.checkpoint.read_bytes()).hexdigest()
+    result = invoke(project, "--json", str(tmp_path / "r.json"), model="build_bn_model")
+    assert result.exit_code == 0, result.output
+    assert hashlib.sha256(project.checkpoint.read_bytes()).hexdigest() == digest
+    document = json.loads((tmp_path / "r.json").read_text())
+    assert document["model"]["mode"] == "eval"
+
+
+def test_html_escapes_user_strings_and_fetches_nothing(project, tmp_path):
+    output = tmp_path / "r.html"
+    result = invoke(project, "--data-kwargs", '{"note": "<script>alert(1)</script>"}', "--html", str(output))
+    assert result.exit_code == 0, result.output
+    html = output.read_text()
+    assert "<script>alert(1)</script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    for marker in ('src="http', "src='http", 'href="http', "@import", "url(http"):
+        assert marker not in html
+
+
+def test_trajectory_is_ordered_by_step(project, tmp_path):
+    state = torch.load(project.checkpoint, weights_only=True)
+    early, late = tmp_path / "b_early.pt", tmp_path / "a_late.pt"
+    torch.save({**state, "step": 10}, early)
+    torch.save({**state, "step": 90}, late)
+    output = tmp_path / "r.json"
+    result = runner.invoke(
+        app,
+        ["analyze", str(tmp_path), "--model", project.spec("build_model"), "--data", project.spec("load_data"), "--json", str(output)],
+    )
+    assert result.exit_code == 0, result.output
+    document = json.loads(output.read_text())
+    assert [entry["step"] for entry in document["checkpoints"]] == [10, 90]
+    assert len(document["results"]) == 2
+
+
+def test_version_flag():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.startswith("stabcheck ")
