@@ -104,6 +104,9 @@ def test_missing_learning_rate_is_inconclusive(project, tmp_path):
         (["--model", "nowhere.py:build_model"], "file not found"),
         (["--model", "{spec}:missing_function"], "has no attribute 'missing_function'"),
         (["--model", "{spec}:not_a_model"], "returned int; expected a torch.nn.Module"),
+        (["--model", "{spec}:NOT_CALLABLE"], "'NOT_CALLABLE' is of type int, not a function"),
+        (["--model", "{spec}:build_bn_model"], "missing keys (in the model, not in the checkpoint): 1.weight"),
+        (["--data", "{spec}:text_data"], "returned a str; expected a DataLoader, a Dataset, or a tuple"),
         (["--model", "no_such_package_xyz.module:build"], "cannot be imported"),
         (["--model-kwargs", "{not json"], "is not valid JSON"),
         (["--model-kwargs", '{"width": 9}'], "has tensors whose shapes differ"),
@@ -144,6 +147,16 @@ def test_corrupt_checkpoint_exits_2_and_writes_no_report(project, tmp_path):
     assert existing.read_text() == "previous report"
     assert not fresh.exists()
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_non_finite_checkpoint_exits_2(project, tmp_path):
+    state = torch.load(project.checkpoint, weights_only=True)
+    state["model_state_dict"]["2.bias"][0] = float("nan")
+    diverged = tmp_path / "diverged.pt"
+    torch.save(state, diverged)
+    result = runner.invoke(app, ["analyze", str(diverged), "--model", project.spec("build_model"), "--data", project.spec("load_data")])
+    assert result.exit_code == 2
+    assert "non-finite values (NaN or inf) in: 2.bias" in " ".join(result.stderr.split())
 
 
 def test_unsafe_checkpoint_needs_trust_flag(project, tmp_path):

@@ -43,6 +43,13 @@ SPEC_SOURCE = textwrap.dedent(
         return 42
 
 
+    NOT_CALLABLE = 3
+
+
+    def text_data():
+        return "inputs and targets"
+
+
     def summed_loss(outputs, targets):
         return torch.nn.functional.cross_entropy(outputs, targets)
     '''

@@ -112,7 +112,9 @@ def lanczos(
             w = w - stored.T @ (stored @ w)
         beta = float(torch.linalg.vector_norm(w))
 
-        theta, vectors = np.linalg.eigh(_tridiagonal(alphas, betas))
+        # torch's eigh runs on torch's thread pool. numpy's would start OpenBLAS threads that
+        # compete with torch's for the same cores (measured 2x slower on 2 cores).
+        theta, vectors = (t.numpy() for t in torch.linalg.eigh(torch.from_numpy(_tridiagonal(alphas, betas))))
         residuals = beta * np.abs(vectors[-1, :])
         scale = float(np.max(np.abs(theta)))
         wanted = _wanted_indices(len(theta), num_top, num_bottom)

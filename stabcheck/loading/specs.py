@@ -55,7 +55,7 @@ def resolve_callable(spec: str, *, role: str, base_dir: Path | None = None) -> C
     function = getattr(module, attribute)
     if not callable(function):
         raise SpecError(
-            f"--{role} spec {spec!r}: {attribute!r} is a {type(function).__name__}, not a function."
+            f"--{role} spec {spec!r}: {attribute!r} is of type {type(function).__name__}, not a function."
         )
     return function
 
