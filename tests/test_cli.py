@@ -205,6 +205,7 @@ def test_same_seed_gives_same_numbers(project, tmp_path):
         result = invoke(project, "--json", str(tmp_path / name), "--seed", "5")
         assert result.exit_code == 0
         documents.append(json.loads((tmp_path / name).read_text()))
+    assert documents[0]["results"][0]["analyzers"]["sharpness"]["metrics"]["lambda_max"] is not None
     assert documents[0]["results"] == documents[1]["results"]
     assert documents[0]["gates"] == documents[1]["gates"]
     other = invoke(project, "--json", str(tmp_path / "c.json"), "--seed", "6")
@@ -221,6 +222,7 @@ def test_shuffled_loader_gives_same_numbers(project, tmp_path):
         document = json.loads((tmp_path / name).read_text())
         assert document["data"]["num_samples"] == 50
         values.append(document["results"][0]["analyzers"]["sharpness"]["metrics"])
+    assert values[0]["lambda_max"] is not None
     assert values[0] == values[1]
 
 
