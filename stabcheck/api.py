@@ -63,6 +63,7 @@ def analyze(
     optimizer: str | None = None,
     momentum: float | None = None,
     batch_size: int | None = None,
+    weight_decay: float | None = None,
     max_samples: int | None = None,
     seed: int = 0,
     device: str = "cpu",
@@ -79,14 +80,21 @@ def analyze(
     ``model`` is never modified: checkpoints load into a copy, and the analysis works on copies
     of its parameters and buffers. ``data`` is a DataLoader, a Dataset or an (inputs, targets)
     tuple; its first ``max_samples`` examples form the analysis set. ``lr``, ``optimizer``,
-    ``momentum`` and ``batch_size`` override what the checkpoints' optimizer state records.
+    ``momentum``, ``batch_size`` and ``weight_decay`` (coupled L2, added to the objective as
+    weight_decay/2 * |theta|^2) override what the checkpoints' optimizer state records.
     ``gates`` is a table such as
     ``{"sharpness.edge_ratio": {"warn": 0.9, "fail": 1.2}}`` merged over the defaults.
     """
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     estimator = estimator or EstimatorSettings()
     _validate_settings(estimator, device, dtype)
-    overrides = {"optimizer": optimizer, "lr": lr, "momentum": momentum, "batch_size": batch_size}
+    overrides = {
+        "optimizer": optimizer,
+        "lr": lr,
+        "momentum": momentum,
+        "batch_size": batch_size,
+        "weight_decay": weight_decay,
+    }
     chosen = resolve_analyzers(list(analyzers) if analyzers else None)
     gate_table = parse_gates(gates)
     provenance = dict(provenance or {})
@@ -94,7 +102,8 @@ def analyze(
     loss_fn = builtin_loss(loss) if isinstance(loss, str) else loss
 
     analysis_set = materialize(data, max_samples=max_samples, spec=provenance.get("data_spec", "data"))
-    ordered = _order_checkpoints(expand_checkpoint_paths(checkpoints), trust_checkpoint, weight_set)
+    run_notes: list[str] = []
+    ordered = _order_checkpoints(expand_checkpoint_paths(checkpoints), trust_checkpoint, weight_set, run_notes)
 
     checkpoint_entries: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
@@ -104,7 +113,15 @@ def analyze(
         analyzed_model, entry = _prepare_model(model, path, trust_checkpoint, weight_set)
         trainable = {name: p for name, p in analyzed_model.named_parameters() if p.requires_grad}
         settings = settings_from_optimizer_state(entry.pop("_optimizer_state"), trainable)
-        settings = apply_overrides(settings, **overrides)
+        settings = apply_overrides(settings, **overrides, parameter_names=tuple(trainable))
+        if settings.unmapped_weight_decay is not None:
+            raise CheckpointError(
+                f"checkpoint {entry['path']}: the optimizer's param groups use weight decay "
+                f"{list(settings.unmapped_weight_decay)}, but the state has no param_names, so which "
+                "parameters each group contains is unknown and the training objective cannot be built. "
+                "Pass --weight-decay to set one coupled decay for every parameter, or save the "
+                "optimizer built from model.named_parameters()."
+            )
         settings_per_checkpoint.append(settings)
         entry["training"] = settings.to_json()
         checkpoint_entries.append(entry)
@@ -152,7 +169,7 @@ def analyze(
         results=results,
         gates=[finding.to_json() for finding in findings],
         exit_code=exit_code_for(findings),
-        notes=[note for settings in settings_per_checkpoint[:1] for note in settings.notes],
+        notes=run_notes + [note for settings in settings_per_checkpoint[:1] for note in settings.notes],
     )
     return report
 
@@ -174,15 +191,20 @@ def _validate_settings(estimator: EstimatorSettings, device: str, dtype: str) ->
         raise UsageError(f"--top-k must be at least 1, got {estimator.top_k}.")
 
 
-def _order_checkpoints(paths: list[Path], trust: bool, weight_set: str | None) -> list[Path]:
-    """Sort checkpoints by stored training step; files without a step keep their given order."""
+def _order_checkpoints(paths: list[Path], trust: bool, weight_set: str | None, notes: list[str]) -> list[Path]:
+    """Sort checkpoints by stored training step, or keep the given order when any has no step."""
     if len(paths) <= 1:
         return paths
     steps = []
     for position, path in enumerate(paths):
         checkpoint = load_checkpoint(path, trust=trust, weight_set=weight_set)
         steps.append((checkpoint.step, position, path))
-    if any(step is None for step, _, _ in steps):
+    without_step = [str(path) for step, _, path in steps if step is None]
+    if without_step:
+        notes.append(
+            f"{len(without_step)} checkpoint(s) store no training step ({', '.join(without_step[:5])}), "
+            "so the trajectory keeps the order in which the files were given"
+        )
         return paths
     return [path for _, _, path in sorted(steps, key=lambda item: (item[0], item[1]))]
 

@@ -7,6 +7,7 @@ Exit codes: 0 every gate passed (warnings allowed), 1 a gate failed, 2 invalid u
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -26,6 +27,19 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     help="Training-stability diagnostics for PyTorch checkpoints.",
 )
+
+
+class _SummaryConsole(Console):
+    """A rich Console that keeps the gates' exit code when its reader goes away.
+
+    rich's default exits with code 1 on a broken pipe (``stabcheck analyze ... | head``), which CI
+    would read as a failed gate. The reports are already written by then, so this console stops
+    printing and lets the run exit with its own code.
+    """
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self.file.fileno())
 
 
 class OptimizerChoice(str, Enum):
@@ -77,12 +91,13 @@ def analyze(
     optimizer: Annotated[Optional[OptimizerChoice], typer.Option(help="Optimizer kind; overrides the checkpoint's optimizer state.")] = None,
     momentum: Annotated[Optional[float], typer.Option(help="Heavy-ball momentum coefficient in [0, 1); overrides the checkpoint.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Training batch size (examples per step); overrides the checkpoint.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Coupled L2 weight decay w for every parameter, added to the objective as w/2*|theta|^2 (for AdamW: decoupled, not added); overrides the checkpoint.")] = None,
     lmc_with: Annotated[Optional[Path], typer.Option(help="Second endpoint checkpoint for the lmc analyzer.")] = None,
     max_samples: Annotated[Optional[int], typer.Option(help="Analyze the first N examples of the data (default: all).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for start vectors and probes (default 0).")] = None,
     device: Annotated[Optional[DeviceChoice], typer.Option(help="Device to run on (default cpu).")] = None,
     dtype: Annotated[Optional[DtypeChoice], typer.Option(help="Floating-point type of the analysis (default float32).")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="Config file. Default: ./stabcheck.toml, then [tool.stabcheck] in ./pyproject.toml.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Config file. Default: ./stabcheck.toml, then the \\[tool.stabcheck] table of ./pyproject.toml.")] = None,
     json_path: Annotated[Optional[str], typer.Option("--json", help="Write the JSON report to this path; '-' writes it to stdout.")] = None,
     html: Annotated[Optional[Path], typer.Option(help="Write the self-contained HTML report to this path.")] = None,
     junit: Annotated[Optional[Path], typer.Option(help="Write JUnit XML (one test case per gate) to this path.")] = None,
@@ -99,7 +114,7 @@ def analyze(
     """Analyze checkpoints and write terminal, JSON, HTML, JUnit or Markdown reports."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     json_to_stdout = json_path == "-"
-    console = Console(stderr=json_to_stdout, quiet=quiet)
+    console = _SummaryConsole(stderr=json_to_stdout, quiet=quiet)
     errors = Console(stderr=True)
     try:
         report = _run(
@@ -107,7 +122,7 @@ def analyze(
             options=dict(
                 model=model, model_kwargs=model_kwargs, data=data, data_kwargs=data_kwargs, loss=loss,
                 analyzers=analyzers, lr=lr, optimizer=optimizer.value if optimizer else None, momentum=momentum,
-                batch_size=batch_size, max_samples=max_samples, seed=seed,
+                batch_size=batch_size, weight_decay=weight_decay, max_samples=max_samples, seed=seed,
                 device=device.value if device else None, dtype=dtype.value if dtype else None,
                 weight_set=weight_set, lanczos_iters=lanczos_iters, lanczos_tol=lanczos_tol, top_k=top_k,
                 hvp_method=hvp_method,
@@ -190,6 +205,7 @@ def _run(
             lr=setting("lr"),
             momentum=setting("momentum"),
             batch_size=setting("batch_size"),
+            weight_decay=setting("weight_decay"),
             max_samples=setting("max_samples"),
             seed=setting("seed", 0),
             device=setting("device", "cpu"),

@@ -30,6 +30,7 @@ KNOWN_KEYS = {
     "optimizer": str,
     "momentum": (int, float),
     "batch_size": int,
+    "weight_decay": (int, float),
     "max_samples": int,
     "seed": int,
     "device": str,

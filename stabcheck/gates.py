@@ -85,6 +85,11 @@ def parse_gates(table: Mapping[str, Any] | None) -> dict[str, Gate]:
             values[key] = None if value is None else float(value)
         if values["warn"] is None and values["fail"] is None:
             raise UsageError(f"gate {name!r} sets neither 'warn' nor 'fail'.")
+        if values["warn"] is not None and values["fail"] is not None and values["warn"] > values["fail"]:
+            raise UsageError(
+                f"gate {name!r}: warn {values['warn']} is above fail {values['fail']}, so the warning could "
+                "never show. Gates fire above their bounds; set warn <= fail."
+            )
         gates[name] = Gate(name, values["warn"], values["fail"])
     return gates
 
@@ -96,9 +101,14 @@ def validate_gate_name(name: str) -> None:
             f"gate {name!r} does not name an analyzer; use 'analyzer-id.metric' with one of: "
             f"{', '.join(ANALYZERS)}."
         )
-    metrics = ANALYZERS[analyzer_id].metric_names
-    if metric not in metrics:
-        raise UsageError(f"gate {name!r}: {analyzer_id} has no metric {metric!r}; valid metrics: {', '.join(metrics)}.")
+    analyzer = ANALYZERS[analyzer_id]
+    gateable = [m for m in analyzer.metric_names if m not in analyzer.structured_metrics]
+    if metric in analyzer.structured_metrics:
+        raise UsageError(
+            f"gate {name!r}: {metric} is a list, and gates compare single numbers; gate one of: {', '.join(gateable)}."
+        )
+    if metric not in analyzer.metric_names:
+        raise UsageError(f"gate {name!r}: {analyzer_id} has no metric {metric!r}; valid metrics: {', '.join(gateable)}.")
 
 
 def evaluate_gates(

@@ -322,3 +322,72 @@ def test_optimizer_state_out_of_model_order_is_not_used():
     settings = settings_from_optimizer_state(optimizer.state_dict(), dict(model.named_parameters()))
     assert settings.exp_avg_sq is None
     assert any("does not follow model order" in note for note in settings.notes)
+
+
+def train_with_groups(named: bool):
+    """Train with two SGD param groups: weights decayed by 0.01, biases not decayed."""
+    model = build_model()
+    weights = [(n, p) for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [(n, p) for n, p in model.named_parameters() if n.endswith("bias")]
+    pick = (lambda items: items) if named else (lambda items: [p for _, p in items])
+    optimizer = torch.optim.SGD(
+        [{"params": pick(weights), "weight_decay": 0.01}, {"params": pick(biases), "weight_decay": 0.0}], lr=0.1
+    )
+    inputs, targets = data()
+    for _ in range(3):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+    return model, optimizer.state_dict()
+
+
+def test_named_param_groups_map_weight_decay_exactly(tmp_path):
+    from cases import dense_hessian
+
+    model, optimizer_state = train_with_groups(named=True)
+    path = tmp_path / "groups.pt"
+    torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer_state}, path)
+    settings = settings_from_optimizer_state(optimizer_state, dict(model.named_parameters()))
+    assert settings.weight_decay == {"0.weight": 0.01, "2.weight": 0.01}
+
+    value, _ = lambda_max_from(path)
+    inputs, targets = data()
+    reference_model = build_model().double()
+    reference_model.load_state_dict(model.state_dict())
+    dense = dense_hessian(reference_model, inputs.double(), targets, "cross_entropy", weight_decay=settings.weight_decay)
+    assert value == pytest.approx(float(torch.linalg.eigvalsh(dense)[-1]), rel=1e-8)
+
+
+def test_unnamed_param_groups_with_different_decay_are_rejected(tmp_path):
+    model, optimizer_state = train_with_groups(named=False)
+    path = tmp_path / "groups.pt"
+    torch.save({"model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer_state}, path)
+    with pytest.raises(CheckpointError, match=r"weight decay \[0\.01, 0\.0\].*--weight-decay"):
+        lambda_max_from(path)
+    # An explicit coupled decay for every parameter lets the analysis run.
+    _, report = lambda_max_from(path, weight_decay=0.01)
+    assert report.checkpoints[0]["training"]["weight_decay"] == 0.01
+    assert report.checkpoints[0]["training"]["overridden"] == ["weight_decay"]
+
+
+def test_unnamed_param_groups_with_equal_decay_apply_to_all():
+    model = build_model()
+    parameters = list(model.parameters())
+    optimizer = torch.optim.SGD(
+        [{"params": parameters[:2], "weight_decay": 0.02}, {"params": parameters[2:], "weight_decay": 0.02}], lr=0.1
+    )
+    settings = settings_from_optimizer_state(optimizer.state_dict(), dict(model.named_parameters()))
+    assert settings.weight_decay == {name: 0.02 for name, _ in model.named_parameters()}
+
+
+def test_unnamed_adam_groups_explain_missing_moments():
+    model = build_model()
+    parameters = list(model.parameters())
+    optimizer = torch.optim.Adam([{"params": parameters[:2]}, {"params": parameters[2:]}], lr=1e-3)
+    inputs, targets = data()
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(inputs), targets).backward()
+    optimizer.step()
+    settings = settings_from_optimizer_state(optimizer.state_dict(), dict(model.named_parameters()))
+    assert settings.exp_avg_sq is None
+    assert any("2 param groups" in note and "named_parameters" in note for note in settings.notes)

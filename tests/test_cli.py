@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -40,7 +44,7 @@ def test_passing_run_writes_every_report(project, tmp_path):
     assert document["exit_code"] == 0
     assert document["training"] == {
         "optimizer": "sgd", "lr": project.lr, "momentum": 0.0, "betas": None,
-        "weight_decay": 0.0, "batch_size": None, "source": "checkpoint",
+        "weight_decay": 0.0, "batch_size": None, "source": "checkpoint", "overridden": [],
     }
     sharpness = document["results"][0]["analyzers"]["sharpness"]
     assert sharpness["status"] == "ok"
@@ -267,3 +271,57 @@ def test_version_flag():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0
     assert result.stdout.startswith("stabcheck ")
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('"sharpness.top_eigenvalues" = { fail = 0.5 }', "top_eigenvalues is a list, and gates compare single numbers"),
+        ('"sharpness.edge_ratio" = { warn = 1.5, fail = 1.0 }', "warn 1.5 is above fail 1.0"),
+    ],
+)
+def test_invalid_gates_exit_2(project, tmp_path, table, message):
+    config = tmp_path / "stabcheck.toml"
+    config.write_text(f"[gates]\n{table}\n")
+    result = invoke(project, "--config", str(config))
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.stderr.split())
+
+
+def test_trajectory_without_steps_keeps_given_order(project, tmp_path):
+    state = torch.load(project.checkpoint, weights_only=True)
+    with_step, without_step = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save({**state, "step": 90}, with_step)
+    torch.save({key: value for key, value in state.items() if key != "step"}, without_step)
+    output = tmp_path / "r.json"
+    result = runner.invoke(
+        app,
+        ["analyze", str(without_step), str(with_step), "--model", project.spec("build_model"),
+         "--data", project.spec("load_data"), "--json", str(output)],
+    )
+    assert result.exit_code == 0, result.output
+    document = json.loads(output.read_text())
+    assert [entry["step"] for entry in document["checkpoints"]] == [None, 90]
+    assert any("store no training step" in note for note in document["notes"])
+
+
+def test_closed_stdout_keeps_the_exit_code(project, tmp_path):
+    command = [
+        sys.executable, "-m", "stabcheck", "analyze", str(project.checkpoint), "--model", project.spec("build_model"),
+        "--data", project.spec("load_data"), "--json", str(tmp_path / "r.json"),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    _, errors = process.communicate(timeout=120)
+    # click turns a broken pipe into exit code 1, which CI would read as a failed gate.
+    assert process.returncode == 0, errors.decode()
+    assert json.loads((tmp_path / "r.json").read_text())["exit_code"] == 0
+
+
+def test_reports_get_the_usual_file_mode(project, tmp_path):
+    output = tmp_path / "r.json"
+    result = invoke(project, "--json", str(output))
+    assert result.exit_code == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(output.stat().st_mode) == 0o666 & ~umask

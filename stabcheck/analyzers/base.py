@@ -103,6 +103,8 @@ class Analyzer(ABC):
     metric_names: ClassVar[tuple[str, ...]]
     interpretation: ClassVar[dict[str, str]]
     limits: ClassVar[tuple[str, ...]] = ()
+    # Metrics whose value is a list or a table; gates take single numbers only.
+    structured_metrics: ClassVar[tuple[str, ...]] = ()
 
     def skip_reason(self, context: AnalysisContext) -> str | None:
         """Say why this analyzer cannot run on the context, or None when it can."""

@@ -11,6 +11,7 @@ P^-1/2 H P^-1/2 (Cohen et al. 2022, "Adaptive Gradient Methods at the Edge of St
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +90,7 @@ class SharpnessAnalyzer(Analyzer):
         "edge_ratio",
         "preconditioned_lambda_max",
     )
+    structured_metrics = ("top_eigenvalues",)
     interpretation = {
         "lambda_max": "Largest Hessian eigenvalue (sharpness) of the training objective at this checkpoint.",
         "lambda_min": "Smallest Hessian eigenvalue; clearly negative values mean the point is not a minimum.",
@@ -119,18 +121,7 @@ class SharpnessAnalyzer(Analyzer):
         if threshold.note:
             notes.append(threshold.note)
 
-        plain = lanczos(
-            operator.matvec,
-            operator.dim,
-            num_top=settings.top_k,
-            num_bottom=1,
-            max_iter=settings.lanczos_max_iter,
-            tol=settings.lanczos_tol,
-            seed=context.seed,
-            dtype=operator.dtype,
-            device=operator.device,
-            progress=context.progress("sharpness: Lanczos"),
-        )
+        plain = _run_lanczos(context, operator.matvec, num_top=settings.top_k, num_bottom=1, label="sharpness: Lanczos")
         top_ok = plain.top_converged
         lambda_max = float(plain.top[0]) if top_ok[0] else None
         lambda_min = float(plain.bottom[0]) if plain.bottom_converged[0] else None
@@ -165,35 +156,9 @@ class SharpnessAnalyzer(Analyzer):
         compared = lambda_max
         compared_converged = bool(top_ok[0])
         if threshold.preconditioned:
-            compared, compared_converged = None, False
-            training = context.training
-            if training.exp_avg_sq is None or not training.optimizer_step or not training.betas:
-                notes.append(
-                    "Adam's threshold applies to the preconditioned Hessian, which needs exp_avg_sq and "
-                    "the step count from the checkpoint's optimizer state; edge_ratio is undefined without them"
-                )
-            else:
-                scale = adam_preconditioner_scale(training, operator.layout.names).to(operator.dtype).to(operator.device)
-                result = lanczos(
-                    scaled_operator(operator.matvec, scale),
-                    operator.dim,
-                    num_top=1,
-                    num_bottom=0,
-                    max_iter=settings.lanczos_max_iter,
-                    tol=settings.lanczos_tol,
-                    seed=context.seed,
-                    dtype=operator.dtype,
-                    device=operator.device,
-                    progress=context.progress("sharpness: preconditioned Lanczos"),
-                )
-                diagnostics["preconditioned_lanczos"] = _lanczos_diagnostics(result)
-                diagnostics["adam_step"] = training.optimizer_step
-                compared_converged = bool(result.top_converged[0])
-                if compared_converged:
-                    preconditioned = float(result.top[0])
-                    compared = preconditioned
-                else:
-                    notes.append(_unconverged_note("preconditioned_lambda_max", result, 0, top=True))
+            preconditioned = _preconditioned_sharpness(context, notes, diagnostics)
+            compared = preconditioned
+            compared_converged = preconditioned is not None
         else:
             notes.append("preconditioned_lambda_max applies to Adam and AdamW only")
 
@@ -214,6 +179,47 @@ class SharpnessAnalyzer(Analyzer):
             "preconditioned_lambda_max": finite_or_none(preconditioned),
         }
         return AnalyzerResult(status=status, metrics=metrics, diagnostics=diagnostics, notes=tuple(notes))
+
+
+def _run_lanczos(
+    context: AnalysisContext, matvec: Callable[[torch.Tensor], torch.Tensor], *, num_top: int, num_bottom: int, label: str
+) -> LanczosResult:
+    operator = context.hessian()
+    settings = context.estimator
+    return lanczos(
+        matvec,
+        operator.dim,
+        num_top=num_top,
+        num_bottom=num_bottom,
+        max_iter=settings.lanczos_max_iter,
+        tol=settings.lanczos_tol,
+        seed=context.seed,
+        dtype=operator.dtype,
+        device=operator.device,
+        progress=context.progress(label),
+    )
+
+
+def _preconditioned_sharpness(context: AnalysisContext, notes: list[str], diagnostics: dict[str, Any]) -> float | None:
+    """Return the top eigenvalue of P^-1/2 H P^-1/2 for Adam, or None with a note saying why not."""
+    training = context.training
+    if training.exp_avg_sq is None or not training.optimizer_step or not training.betas:
+        notes.append(
+            "Adam's threshold applies to the preconditioned Hessian, which needs exp_avg_sq and "
+            "the step count from the checkpoint's optimizer state; edge_ratio is undefined without them"
+        )
+        return None
+    operator = context.hessian()
+    scale = adam_preconditioner_scale(training, operator.layout.names).to(dtype=operator.dtype, device=operator.device)
+    result = _run_lanczos(
+        context, scaled_operator(operator.matvec, scale), num_top=1, num_bottom=0, label="sharpness: preconditioned Lanczos"
+    )
+    diagnostics["preconditioned_lanczos"] = _lanczos_diagnostics(result)
+    diagnostics["adam_step"] = training.optimizer_step
+    if not result.top_converged[0]:
+        notes.append(_unconverged_note("preconditioned_lambda_max", result, 0, top=True))
+        return None
+    return float(result.top[0])
 
 
 def _lanczos_diagnostics(result: LanczosResult) -> dict[str, Any]:

@@ -81,6 +81,11 @@ def load_checkpoint(path: str | Path, *, trust: bool = False, weight_set: str | 
     digest = sha256_of_bytes(data)
 
     if _looks_like_safetensors(path, data):
+        if weight_set not in (None, "<root>"):
+            raise CheckpointError(
+                f"checkpoint {path} is a safetensors file with one weight set; --weight-set "
+                f"{weight_set!r} does not apply. Drop the option."
+            )
         weights, step = _load_safetensors(path, data)
         return Checkpoint(path, digest, "safetensors", weights, "<root>", ["<root>"], None, step)
 
@@ -133,8 +138,8 @@ def _torch_load(path: Path, data: bytes, *, trust: bool) -> Any:
             ) from None
     except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, OSError) as error:
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt and cannot be read by torch.load: "
-            f"{_first_line(error)}. Re-copy or re-save the file."
+            f"checkpoint {path} is truncated or corrupt, or not a torch checkpoint: torch.load failed "
+            f"with {_first_line(error)}. Re-copy or re-save the file."
         ) from None
 
     try:
@@ -155,8 +160,11 @@ def _unsafe_globals(data: bytes, error: Exception) -> list[str]:
 
 
 def _first_line(error: Exception) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    # Some loaders raise bare values (torch.load raises KeyError(101) on a text file).
+    return f"{type(error).__name__}: {text.splitlines()[0]}"
 
 
 def _is_tensor_mapping(value: Any) -> bool:

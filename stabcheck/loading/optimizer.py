@@ -18,8 +18,10 @@ class TrainingSettings:
     """Optimizer settings of the analyzed checkpoint that the thresholds and the objective need.
 
     ``weight_decay`` maps parameter names to the coupled L2 coefficient that the optimizer adds
-    to the gradient (SGD and Adam); AdamW's decoupled decay is not part of the objective and is
-    recorded in ``decoupled_weight_decay`` instead.
+    to the gradient (SGD and Adam). AdamW's decoupled decay is not part of the objective and is
+    recorded in ``decoupled_weight_decay`` instead. ``unmapped_weight_decay`` lists the groups'
+    differing coefficients when the state does not say which parameters each group contains.
+    ``overridden`` names the fields that came from options instead of the checkpoint.
     """
 
     optimizer: str | None = None
@@ -36,11 +38,15 @@ class TrainingSettings:
     optimizer_step: int | None = None
     exp_avg_sq: dict[str, torch.Tensor] | None = None
     source: str | None = None
+    overridden: tuple[str, ...] = ()
+    unmapped_weight_decay: tuple[float, ...] | None = None
     notes: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         decays = sorted(set(self.weight_decay.values()))
-        if self.decoupled_weight_decay is not None:
+        if self.unmapped_weight_decay is not None:
+            weight_decay: Any = list(self.unmapped_weight_decay)
+        elif self.decoupled_weight_decay is not None:
             weight_decay: Any = self.decoupled_weight_decay
         elif not decays:
             weight_decay = 0.0 if self.optimizer else None
@@ -54,6 +60,7 @@ class TrainingSettings:
             "weight_decay": weight_decay,
             "batch_size": self.batch_size,
             "source": self.source,
+            "overridden": list(self.overridden),
         }
 
 
@@ -63,8 +70,9 @@ def settings_from_optimizer_state(
     """Read optimizer kind, hyperparameters and Adam's second moments from a torch optimizer state_dict.
 
     ``trainable`` maps the model's trainable parameter names to tensors in ``named_parameters``
-    order. Without ``param_names`` in the state, parameter indices are taken to follow that order,
-    which holds when the optimizer was built from ``model.parameters()``; shapes are checked.
+    order. Without ``param_names`` in the state, the indices of a single param group are taken to
+    follow that order, which holds when the optimizer was built from ``model.parameters()``, and
+    shapes are checked. Several groups without ``param_names`` cannot be matched to parameters.
     """
     if not state:
         return TrainingSettings()
@@ -93,17 +101,21 @@ def settings_from_optimizer_state(
     eps = _same_across_groups(groups, "eps", notes) if kind in ("adam", "adamw") else None
 
     names = _index_to_name(state, trainable, notes)
+    decays = [float(group.get("weight_decay") or 0.0) for group in groups]
     weight_decay: dict[str, float] = {}
     decoupled_decay = None
-    for group in groups:
-        decay = float(group.get("weight_decay") or 0.0)
-        if kind == "adamw":
-            decoupled_decay = decay
-            continue
-        if decay and names is not None:
+    unmapped = None
+    if kind == "adamw":
+        decoupled_decay = _same_across_groups(groups, "weight_decay", notes)
+    elif names is not None:
+        for group, decay in zip(groups, decays):
             for index in group.get("params", []):
-                if index in names:
+                if decay and index in names:
                     weight_decay[names[index]] = decay
+    elif len(set(decays)) == 1 and _covers_all(state, trainable):
+        weight_decay = {name: decays[0] for name in trainable if decays[0]}
+    elif any(decays):
+        unmapped = tuple(decays)
 
     optimizer_step = None
     exp_avg_sq = None
@@ -124,8 +136,14 @@ def settings_from_optimizer_state(
         optimizer_step=optimizer_step,
         exp_avg_sq=exp_avg_sq,
         source="checkpoint" if kind else None,
+        unmapped_weight_decay=unmapped,
         notes=tuple(notes),
     )
+
+
+def _covers_all(state: Mapping[str, Any], trainable: Mapping[str, torch.Tensor]) -> bool:
+    count = sum(len(group.get("params", [])) for group in state["param_groups"])
+    return count == len(trainable)
 
 
 def _same_across_groups(groups: list[Mapping[str, Any]], key: str, notes: list[str]) -> Any:
@@ -133,7 +151,10 @@ def _same_across_groups(groups: list[Mapping[str, Any]], key: str, notes: list[s
     values = [tuple(v) if isinstance(v, (list, tuple)) else v for v in values]
     values = [v.item() if isinstance(v, torch.Tensor) else v for v in values]
     if any(v != values[0] for v in values):
-        notes.append(f"param groups use different {key} values {values}; pass --{key} to choose one")
+        note = f"param groups use different {key} values {values}"
+        if key in ("lr", "momentum", "weight_decay"):
+            note += f"; pass --{key.replace('_', '-')} to choose one"
+        notes.append(note)
         return None
     return values[0]
 
@@ -151,6 +172,13 @@ def _index_to_name(
         if all(name in trainable for name in names.values()):
             return names
         notes.append("optimizer param_names do not match the model's parameter names")
+        return None
+    if len(state["param_groups"]) > 1:
+        notes.append(
+            f"the optimizer has {len(state['param_groups'])} param groups and its state has no "
+            "param_names, so its per-parameter state cannot be matched to the model's parameters; "
+            "build the optimizer from model.named_parameters() (PyTorch 2.6 and later save the names)"
+        )
         return None
     ordered = list(trainable)
     indices = [index for group in state["param_groups"] for index in group.get("params", [])]
@@ -171,8 +199,10 @@ def _second_moments(
     notes: list[str],
 ) -> tuple[dict[str, torch.Tensor] | None, int | None]:
     per_param = state.get("state") or {}
-    if names is None or not per_param:
-        notes.append("Adam second-moment estimates (exp_avg_sq) are not available in the checkpoint")
+    if names is None:
+        return None, None
+    if not per_param:
+        notes.append("the optimizer state has no per-parameter entries, so Adam's exp_avg_sq is missing")
         return None, None
     key = "max_exp_avg_sq" if amsgrad else "exp_avg_sq"
     moments: dict[str, torch.Tensor] = {}
@@ -210,8 +240,14 @@ def apply_overrides(
     lr: float | None = None,
     momentum: float | None = None,
     batch_size: int | None = None,
+    weight_decay: float | None = None,
+    parameter_names: tuple[str, ...] = (),
 ) -> TrainingSettings:
-    """Replace checkpoint values with those given as options; ``source`` becomes "options"."""
+    """Replace checkpoint values with those given as options; ``source`` becomes "options".
+
+    ``weight_decay`` applies one coupled L2 coefficient to every parameter in ``parameter_names``
+    (for AdamW it sets the decoupled decay, which is not part of the objective).
+    """
     if optimizer is not None and optimizer not in OPTIMIZER_KINDS:
         raise UsageError(f"--optimizer {optimizer!r} is not supported; use one of {', '.join(OPTIMIZER_KINDS)}.")
     if lr is not None and not lr > 0:
@@ -220,6 +256,8 @@ def apply_overrides(
         raise UsageError(f"--momentum must be in [0, 1), got {momentum}.")
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size must be a positive integer, got {batch_size}.")
+    if weight_decay is not None and not weight_decay >= 0:
+        raise UsageError(f"--weight-decay must be zero or positive, got {weight_decay}.")
     changes: dict[str, Any] = {}
     if optimizer is not None:
         changes["optimizer"] = optimizer
@@ -235,8 +273,17 @@ def apply_overrides(
             changes["optimizer"] = "momentum" if momentum > 0 else "sgd"
     if batch_size is not None:
         changes["batch_size"] = int(batch_size)
+    if weight_decay is not None:
+        changes["unmapped_weight_decay"] = None
+        if changes.get("optimizer", settings.optimizer) == "adamw":
+            changes["decoupled_weight_decay"] = float(weight_decay)
+            changes["weight_decay"] = {}
+        else:
+            changes["weight_decay"] = {name: float(weight_decay) for name in parameter_names if weight_decay}
     if not changes:
         return settings
+    option_values = {"optimizer": optimizer, "lr": lr, "momentum": momentum, "batch_size": batch_size, "weight_decay": weight_decay}
+    changes["overridden"] = tuple(key for key, value in option_values.items() if value is not None)
     if changes.get("optimizer", settings.optimizer) in ("adam", "adamw") and settings.betas is None:
         changes["betas"] = (0.9, 0.999)
         changes["eps"] = 1e-8

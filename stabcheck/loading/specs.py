@@ -24,9 +24,10 @@ def resolve_callable(spec: str, *, role: str, base_dir: Path | None = None) -> C
     The file's folder is on ``sys.path`` while it is imported, so it can import its neighbours.
     """
     if ":" not in spec:
+        builtins = " or a built-in loss (cross_entropy, mse)" if role == "loss" else ""
         raise SpecError(
-            f"--{role} spec {spec!r} has no ':function' part. Use path/to/file.py:function or "
-            "package.module:function."
+            f"--{role} {spec!r} is not a spec: it has no ':function' part. Use path/to/file.py:function, "
+            f"package.module:function{builtins}."
         )
     location, _, attribute = spec.rpartition(":")
     if not location or not attribute.isidentifier():
@@ -40,7 +41,8 @@ def resolve_callable(spec: str, *, role: str, base_dir: Path | None = None) -> C
         try:
             module = importlib.import_module(location)
         except ImportError as error:
-            raise SpecError(f"--{role} spec {spec!r}: module {location!r} cannot be imported: {error}.") from None
+            hint = f" If {location!r} is a file, write {location}.py:{attribute}." if "." not in location else ""
+            raise SpecError(f"--{role} spec {spec!r}: module {location!r} cannot be imported: {error}.{hint}") from None
         except Exception as error:  # noqa: BLE001 - user code at import time can raise anything
             raise SpecError(f"--{role} spec {spec!r}: importing {location!r} raised {error!r}.") from None
 

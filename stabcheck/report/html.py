@@ -125,11 +125,8 @@ def _sharpness_section(report: Report, analyzer_id: str) -> str:
     entries = [(e["checkpoint"], e["analyzers"][analyzer_id]) for e in report.results if analyzer_id in e["analyzers"]]
 
     if len(entries) > 1:
-        steps = [
-            report.checkpoints[index]["step"] if report.checkpoints[index].get("step") is not None else index
-            for index, _ in entries
-        ]
         has_steps = all(report.checkpoints[index].get("step") is not None for index, _ in entries)
+        steps = [report.checkpoints[index]["step"] if has_steps else index for index, _ in entries]
         preconditioned = any(result["metrics"].get("preconditioned_lambda_max") is not None for _, result in entries)
         key = "preconditioned_lambda_max" if preconditioned else "lambda_max"
         uri = plots.trajectory_plot(
@@ -181,8 +178,9 @@ def _sharpness_section(report: Report, analyzer_id: str) -> str:
             parts.append(_table(["Ritz value", "value", "residual"], rows))
             parts.append(
                 f"<p>Lanczos: {lanczos['iterations']} steps, {lanczos['matvecs']} Hessian-vector products, "
-                f"converged {escape(format_value(lanczos['converged']))} at tolerance {lanczos['tol']:g} "
-                f"(residual over the largest Ritz value), seed {lanczos['seed']}.</p>"
+                f"all requested Ritz values converged: {escape(format_value(lanczos['converged']))} "
+                f"(tolerance {lanczos['tol']:g} on the residual over the largest Ritz value), seed {lanczos['seed']}. "
+                "A value that did not converge is null in the table above and explained in the notes.</p>"
             )
         parts.append(_notes(result["notes"]))
     parts.append("</section>")

@@ -69,7 +69,7 @@ def _render_analyzer(report: Report, analyzer_id: str, console: Console) -> None
     ]
     title = analyzer.title if analyzer else analyzer_id
     table = Table(title=f"{title} [dim]({analyzer_id})[/dim]", title_justify="left")
-    table.add_column("checkpoint")
+    table.add_column("checkpoint", no_wrap=True)
     table.add_column("status")
     for name in metric_names:
         table.add_column(name, justify="right")
@@ -103,7 +103,7 @@ def _render_gates(report: Report, console: Console) -> None:
     if report.gates:
         table = Table(title="Gates", title_justify="left")
         table.add_column("gate", no_wrap=True)
-        table.add_column("checkpoint", overflow="fold")
+        table.add_column("checkpoint", no_wrap=True)
         for column in ("value", "warn above", "fail above"):
             table.add_column(column, justify="right")
         table.add_column("status", no_wrap=True)
