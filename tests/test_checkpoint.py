@@ -120,6 +120,17 @@ def test_safetensors_layout(tmp_path, reference):
     assert value == expected_lambda
 
 
+def test_weight_set_option_needs_several_sets(tmp_path, reference):
+    state, _, _ = reference
+    plain = tmp_path / "plain.pt"
+    torch.save(state, plain)
+    tensors = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tensors))
+    for path in (plain, tensors):
+        with pytest.raises(CheckpointError, match="--weight-set 'ema' does not apply"):
+            load_checkpoint(path, weight_set="ema")
+
+
 def test_lightning_reads_step_and_optimizer(tmp_path, reference):
     state, optimizer_state, _ = reference
     path = tmp_path / "run.ckpt"
