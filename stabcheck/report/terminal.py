@@ -42,6 +42,13 @@ def checkpoint_label(entry: dict[str, Any], index: int) -> str:
     return f"{name} (step {entry['step']})" if entry.get("step") is not None else name
 
 
+def short_label(entry: dict[str, Any], index: int) -> str:
+    """Label a checkpoint by its step when it has one, so terminal tables stay narrow."""
+    if entry.get("step") is not None:
+        return f"step {entry['step']}"
+    return checkpoint_label(entry, index)
+
+
 def render_terminal(report: Report, console: Console) -> None:
     """Print the summary: analyzer tables, one line of meaning per metric, gates and verdict."""
     console.print(
@@ -78,7 +85,7 @@ def _render_analyzer(report: Report, analyzer_id: str, console: Console) -> None
         result = entry["analyzers"].get(analyzer_id)
         if result is None:
             continue
-        label = checkpoint_label(report.checkpoints[entry["checkpoint"]], entry["checkpoint"])
+        label = short_label(report.checkpoints[entry["checkpoint"]], entry["checkpoint"])
         status = Text(result["status"], style=STATUS_STYLES.get(result["status"], ""))
         table.add_row(label, status, *(format_value(result["metrics"].get(name)) for name in metric_names))
         for note in result["notes"]:
@@ -108,7 +115,7 @@ def _render_gates(report: Report, console: Console) -> None:
             table.add_column(column, justify="right")
         table.add_column("status", no_wrap=True)
         for gate in report.gates:
-            label = checkpoint_label(report.checkpoints[gate["checkpoint"]], gate["checkpoint"])
+            label = short_label(report.checkpoints[gate["checkpoint"]], gate["checkpoint"])
             status = Text(gate["status"], style=STATUS_STYLES.get(gate["status"], ""))
             table.add_row(gate["name"], label, format_value(gate["value"]), format_value(gate["warn"]), format_value(gate["fail"]), status)
         console.print(table)
