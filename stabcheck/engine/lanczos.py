@@ -107,14 +107,10 @@ def lanczos(
         w = matvec(basis[step]).to(dtype=dtype, device=device)
         alpha = float(torch.dot(w, basis[step]))
         alphas.append(alpha)
-        stored = basis[: step + 1]
-        for _ in range(2):
-            w = w - stored.T @ (stored @ w)
+        w = _orthogonalize(w, basis[: step + 1])
         beta = float(torch.linalg.vector_norm(w))
 
-        # torch's eigh runs on torch's thread pool. numpy's would start OpenBLAS threads that
-        # compete with torch's for the same cores (measured 2x slower on 2 cores).
-        theta, vectors = (t.numpy() for t in torch.linalg.eigh(torch.from_numpy(_tridiagonal(alphas, betas))))
+        theta, vectors = tridiagonal_eigh(alphas, betas)
         residuals = beta * np.abs(vectors[-1, :])
         scale = float(np.max(np.abs(theta)))
         wanted = _wanted_indices(len(theta), num_top, num_bottom)
@@ -176,6 +172,53 @@ def _explicit_residuals(
         product = matvec(ritz_vector).to(dtype=basis.dtype, device=basis.device)
         result[column] = float(torch.linalg.vector_norm(product - float(value) * ritz_vector))
     return result
+
+
+def tridiagonalize(
+    matvec: Matvec, start: torch.Tensor, num_steps: int
+) -> tuple[list[float], list[float]]:
+    """Run ``num_steps`` Lanczos steps from ``start`` and return the tridiagonal's coefficients.
+
+    Returns ``alphas`` (diagonal) and ``betas`` (off-diagonal, one shorter). Stops early when the
+    Krylov space becomes invariant, so fewer than ``num_steps`` coefficients can come back. Used
+    by stochastic Lanczos quadrature, which needs T from a given start vector, not converged
+    eigenpairs.
+    """
+    dim = start.numel()
+    num_steps = max(1, min(num_steps, dim))
+    basis = torch.empty((num_steps, dim), dtype=start.dtype, device=start.device)
+    basis[0] = start / torch.linalg.vector_norm(start)
+    alphas: list[float] = []
+    betas: list[float] = []
+    scale = 0.0
+    for step in range(num_steps):
+        w = matvec(basis[step]).to(dtype=start.dtype, device=start.device)
+        alphas.append(float(torch.dot(w, basis[step])))
+        w = _orthogonalize(w, basis[: step + 1])
+        beta = float(torch.linalg.vector_norm(w))
+        scale = max(scale, abs(alphas[-1]), beta)
+        if step + 1 == num_steps or beta <= np.finfo(np.float64).eps * scale * np.sqrt(dim):
+            break
+        betas.append(beta)
+        basis[step + 1] = w / beta
+    return alphas, betas
+
+
+def tridiagonal_eigh(alphas: list[float], betas: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (ascending) and eigenvectors of the symmetric tridiagonal matrix.
+
+    torch's eigh runs on torch's thread pool. numpy's would start OpenBLAS threads that compete
+    with torch's for the same cores (measured up to 2x slower on 2 cores).
+    """
+    values, vectors = torch.linalg.eigh(torch.from_numpy(_tridiagonal(alphas, betas)))
+    return values.numpy(), vectors.numpy()
+
+
+def _orthogonalize(w: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """Remove the components along the stored orthonormal rows, twice for working accuracy."""
+    for _ in range(2):
+        w = w - stored.T @ (stored @ w)
+    return w
 
 
 def _tridiagonal(alphas: list[float], betas: list[float]) -> np.ndarray:
