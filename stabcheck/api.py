@@ -22,6 +22,7 @@ from stabcheck.analyzers.base import AnalysisContext, AnalyzerResult, EstimatorS
 from stabcheck.analyzers.registry import resolve_analyzers
 from stabcheck.engine.hvp import HVP_METHODS
 from stabcheck.engine.objective import Objective, PerExampleLoss, builtin_loss
+from stabcheck.engine.trace import MIN_SEQUENTIAL_PROBES
 from stabcheck.errors import CheckpointError, StabcheckError, UsageError
 from stabcheck.gates import evaluate_gates, exit_code_for, parse_gates
 from stabcheck.loading.checkpoint import Checkpoint, load_checkpoint, match_weights
@@ -189,6 +190,25 @@ def _validate_settings(estimator: EstimatorSettings, device: str, dtype: str) ->
         raise UsageError(f"--lanczos-tol must be between 0 and 1, got {estimator.lanczos_tol}.")
     if estimator.top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {estimator.top_k}.")
+    if estimator.trace_method not in ("hutchinson", "hutch++"):
+        raise UsageError(f"--trace-method {estimator.trace_method!r} is unknown; use hutchinson or hutch++.")
+    if estimator.trace_probes is not None and estimator.trace_probes < 3:
+        raise UsageError(
+            f"--trace-probes must be at least 3 (a standard error needs two samples, Hutch++ three "
+            f"products), got {estimator.trace_probes}."
+        )
+    if not 0 < estimator.trace_rel_stderr < 1:
+        raise UsageError(f"--trace-rel-stderr must be between 0 and 1, got {estimator.trace_rel_stderr}.")
+    if estimator.trace_max_probes < MIN_SEQUENTIAL_PROBES:
+        raise UsageError(
+            f"--trace-max-probes must be at least {MIN_SEQUENTIAL_PROBES}, the fewest probes whose "
+            f"standard error is trusted, got {estimator.trace_max_probes}."
+        )
+    if estimator.density_probes < 1 or estimator.density_steps < 2:
+        raise UsageError(
+            f"--density-probes must be at least 1 and --density-steps at least 2, got "
+            f"{estimator.density_probes} and {estimator.density_steps}."
+        )
 
 
 def _order_checkpoints(paths: list[Path], trust: bool, weight_set: str | None, notes: list[str]) -> list[Path]:

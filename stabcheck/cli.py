@@ -102,12 +102,20 @@ def analyze(
     html: Annotated[Optional[Path], typer.Option(help="Write the self-contained HTML report to this path.")] = None,
     junit: Annotated[Optional[Path], typer.Option(help="Write JUnit XML (one test case per gate) to this path.")] = None,
     markdown: Annotated[Optional[Path], typer.Option(help="Write a Markdown summary to this path.")] = None,
+    csv: Annotated[Optional[Path], typer.Option(help="Write every scalar metric per checkpoint (one row each) as CSV to this path.")] = None,
     trust_checkpoint: Annotated[bool, typer.Option(help="Allow full pickle loading, which runs code stored in the checkpoint.")] = False,
     weight_set: Annotated[Optional[str], typer.Option(help="Key of the weight set to analyze, e.g. an EMA copy such as 'ema' or 'ema.state_dict'.")] = None,
     lanczos_iters: Annotated[Optional[int], typer.Option(help="Maximum Lanczos steps, i.e. Hessian-vector products (default 100).")] = None,
     lanczos_tol: Annotated[Optional[float], typer.Option(help="Lanczos convergence tolerance: residual over the largest Ritz value (default 1e-4).")] = None,
     top_k: Annotated[Optional[int], typer.Option(help="How many of the largest Hessian eigenvalues to report (default 3).")] = None,
     hvp_method: Annotated[Optional[str], typer.Option(help="Hessian-vector product method: retained (fastest) or recompute (bounded memory).")] = None,
+    trace_method: Annotated[Optional[str], typer.Option(help="Trace estimator: hutchinson (default, also gives the Frobenius norm) or hutch++.")] = None,
+    trace_probes: Annotated[Optional[int], typer.Option(help="Fixed number of trace probes (Hessian-vector products); default: draw until --trace-rel-stderr is reached.")] = None,
+    trace_rel_stderr: Annotated[Optional[float], typer.Option(help="Relative standard error at which the trace estimate stops (default 0.05).")] = None,
+    trace_max_probes: Annotated[Optional[int], typer.Option(help="Most trace probes to draw before the estimate is inconclusive (default 200).")] = None,
+    density_probes: Annotated[Optional[int], typer.Option(help="Probes for the spectral density (default 3).")] = None,
+    density_steps: Annotated[Optional[int], typer.Option(help="Lanczos steps per spectral-density probe (default 60).")] = None,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="Also estimate lambda_max and the trace of each module's diagonal Hessian block (one Lanczos run and one trace estimate per module).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print no terminal summary or progress.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details to stderr.")] = False,
 ) -> None:
@@ -125,14 +133,17 @@ def analyze(
                 batch_size=batch_size, weight_decay=weight_decay, max_samples=max_samples, seed=seed,
                 device=device.value if device else None, dtype=dtype.value if dtype else None,
                 weight_set=weight_set, lanczos_iters=lanczos_iters, lanczos_tol=lanczos_tol, top_k=top_k,
-                hvp_method=hvp_method,
+                hvp_method=hvp_method, trace_method=trace_method, trace_probes=trace_probes,
+                trace_rel_stderr=trace_rel_stderr, trace_max_probes=trace_max_probes,
+                density_probes=density_probes, density_steps=density_steps,
+                per_layer=per_layer or None,
             ),
             config_path=config,
             lmc_with=lmc_with,
             trust_checkpoint=trust_checkpoint,
             console=console,
         )
-        _write_outputs(report, json_path=json_path, html=html, junit=junit, markdown=markdown)
+        _write_outputs(report, json_path=json_path, html=html, junit=junit, markdown=markdown, csv=csv)
     except StabcheckError as error:
         errors.print(f"[bold red]error:[/bold red] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=error.exit_code) from None
@@ -193,6 +204,13 @@ def _run(
         lanczos_tol=float(setting("lanczos_tol", defaults.lanczos_tol)),
         top_k=setting("top_k", defaults.top_k),
         hvp_method=setting("hvp_method", defaults.hvp_method),
+        trace_method=setting("trace_method", defaults.trace_method),
+        trace_probes=setting("trace_probes", defaults.trace_probes),
+        trace_rel_stderr=float(setting("trace_rel_stderr", defaults.trace_rel_stderr)),
+        trace_max_probes=setting("trace_max_probes", defaults.trace_max_probes),
+        density_probes=setting("density_probes", defaults.density_probes),
+        density_steps=setting("density_steps", defaults.density_steps),
+        per_layer=bool(setting("per_layer", defaults.per_layer)),
     )
     with _progress(console) as progress:
         return run_analysis(
@@ -258,13 +276,16 @@ class _progress:
         self.bar.__exit__(*exc_info)
 
 
-def _write_outputs(report, *, json_path: str | None, html: Path | None, junit: Path | None, markdown: Path | None) -> None:
+def _write_outputs(
+    report, *, json_path: str | None, html: Path | None, junit: Path | None, markdown: Path | None, csv: Path | None
+) -> None:
     """Render every requested report first, then write each atomically, so a failed render writes nothing."""
     from stabcheck.report.files import atomic_write_text
     from stabcheck.report.html import render_html
     from stabcheck.report.json import render_json
     from stabcheck.report.junit import render_junit
     from stabcheck.report.markdown import render_markdown
+    from stabcheck.report.table import render_csv
 
     rendered: list[tuple[Path | None, str]] = []
     if json_path is not None:
@@ -275,6 +296,8 @@ def _write_outputs(report, *, json_path: str | None, html: Path | None, junit: P
         rendered.append((junit, render_junit(report)))
     if markdown is not None:
         rendered.append((markdown, render_markdown(report)))
+    if csv is not None:
+        rendered.append((csv, render_csv(report)))
     for path, _ in rendered:
         if path is not None and path.is_dir():
             raise UsageError(f"cannot write report to {path}: it is a directory. Pass a file path.")

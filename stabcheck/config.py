@@ -39,6 +39,13 @@ KNOWN_KEYS = {
     "lanczos_tol": (int, float),
     "top_k": int,
     "hvp_method": str,
+    "trace_method": str,
+    "trace_probes": int,
+    "trace_rel_stderr": (int, float),
+    "trace_max_probes": int,
+    "density_probes": int,
+    "density_steps": int,
+    "per_layer": bool,
     "weight_set": str,
     "gates": dict,
 }
@@ -98,7 +105,8 @@ def _validate(table: dict[str, Any], path: Path) -> dict[str, Any]:
         )
     for key, value in table.items():
         expected = KNOWN_KEYS[key]
-        if isinstance(value, bool) or not isinstance(value, expected):
+        # bool is a subclass of int, so `lr = true` would pass an int check without this.
+        if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
             names = expected.__name__ if isinstance(expected, type) else " or ".join(t.__name__ for t in expected)
             raise UsageError(f"config file {path}: {key} must be {names}, got {value!r}.")
     return dict(table)

@@ -325,3 +325,26 @@ def test_reports_get_the_usual_file_mode(project, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(output.stat().st_mode) == 0o666 & ~umask
+
+
+def test_csv_has_a_row_per_checkpoint(project, tmp_path):
+    import pandas as pd
+
+    state = torch.load(project.checkpoint, weights_only=True)
+    for step in (30, 10):
+        torch.save({**state, "step": step}, tmp_path / f"ck{step}.pt")
+    output, document_path = tmp_path / "metrics.csv", tmp_path / "r.json"
+    result = runner.invoke(
+        app,
+        ["analyze", str(tmp_path / "ck30.pt"), str(tmp_path / "ck10.pt"), "--model", project.spec("build_model"),
+         "--data", project.spec("load_data"), "--csv", str(output), "--json", str(document_path)],
+    )
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(output)
+    document = json.loads(document_path.read_text())
+    assert list(frame["step"]) == [10, 30]
+    assert "sharpness.top_eigenvalues" not in frame.columns
+    assert list(frame["sharpness.status"]) == ["ok", "ok"]
+    for row, entry in zip(frame.to_dict("records"), document["results"]):
+        expected = entry["analyzers"]["sharpness"]["metrics"]["lambda_max"]
+        assert row["sharpness.lambda_max"] == pytest.approx(expected, rel=1e-12)

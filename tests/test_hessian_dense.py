@@ -148,3 +148,20 @@ def test_analysis_leaves_model_untouched():
     for key, value in case.model.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert all(p.grad is None for p in case.model.parameters())
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "tied"])
+def test_restricted_operator_is_the_dense_block(name):
+    from stabcheck.engine.hvp import module_blocks, restricted_operator
+
+    case = make_case(name)
+    dense = dense_hessian(case.model, case.inputs, case.targets, case.loss)
+    operator = HessianOperator(objective_for(case))
+    blocks = module_blocks(operator.layout.names)
+    assert sum(len(members) for members in blocks.values()) == len(operator.layout.names)
+    for members in blocks.values():
+        matvec, dim = restricted_operator(operator.matvec, operator.layout, members)
+        indices = torch.cat([torch.arange(operator.layout.slice(n).start, operator.layout.slice(n).stop) for n in members])
+        block = dense[indices][:, indices]
+        vector = torch.randn(dim, dtype=torch.float64, generator=torch.Generator().manual_seed(dim))
+        np.testing.assert_allclose(matvec(vector).numpy(), (block @ vector).numpy(), rtol=1e-9, atol=1e-11)

@@ -49,14 +49,17 @@ class EstimatorSettings:
     lanczos_tol: float = 1e-4
     top_k: int = 3
     hvp_method: str = "retained"
+    trace_method: str = "hutchinson"
+    # None: draw probes until the relative standard error reaches trace_rel_stderr.
+    trace_probes: int | None = None
+    trace_rel_stderr: float = 0.05
+    trace_max_probes: int = 200
+    density_probes: int = 3
+    density_steps: int = 60
+    per_layer: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "lanczos_max_iter": self.lanczos_max_iter,
-            "lanczos_tol": self.lanczos_tol,
-            "top_k": self.top_k,
-            "hvp_method": self.hvp_method,
-        }
+        return dict(vars(self))
 
 
 ProgressFactory = Callable[[str], Callable[[int, int, float], None] | None]

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from stabcheck.analyzers.base import Analyzer
+from stabcheck.analyzers.hessian_trace import HessianTraceAnalyzer
 from stabcheck.analyzers.sharpness import SharpnessAnalyzer
 from stabcheck.errors import UsageError
 
 ANALYZERS: dict[str, type[Analyzer]] = {
     SharpnessAnalyzer.id: SharpnessAnalyzer,
+    HessianTraceAnalyzer.id: HessianTraceAnalyzer,
 }
 
 # Analyzer ids reserved by the JSON contract whose implementation has not shipped yet.
-PLANNED = ("hessian-trace", "gradient-coherence", "lmc", "softmax-collapse", "neural-collapse")
+PLANNED = ("gradient-coherence", "lmc", "softmax-collapse", "neural-collapse")
 
 
 def resolve_analyzers(ids: list[str] | None) -> list[Analyzer]:

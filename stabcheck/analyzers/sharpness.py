@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from stabcheck.analyzers.base import AnalysisContext, Analyzer, AnalyzerResult, finite_or_none
-from stabcheck.engine.hvp import scaled_operator
+from stabcheck.engine.hvp import module_blocks, restricted_operator, scaled_operator
 from stabcheck.engine.lanczos import LanczosResult, lanczos
 from stabcheck.loading.optimizer import TrainingSettings
 
@@ -162,6 +162,9 @@ class SharpnessAnalyzer(Analyzer):
         else:
             notes.append("preconditioned_lambda_max applies to Adam and AdamW only")
 
+        if settings.per_layer:
+            diagnostics["per_layer"] = _per_layer_sharpness(context)
+
         edge_ratio = None
         if compared is not None and threshold.value:
             edge_ratio = compared / threshold.value
@@ -198,6 +201,31 @@ def _run_lanczos(
         device=operator.device,
         progress=context.progress(label),
     )
+
+
+def _per_layer_sharpness(context: AnalysisContext) -> list[dict[str, Any]]:
+    """Return the top eigenvalue of each module's diagonal Hessian block, with its residual."""
+    operator = context.hessian()
+    rows = []
+    for module, names in module_blocks(operator.layout.names).items():
+        matvec, dim = restricted_operator(operator.matvec, operator.layout, names)
+        settings = context.estimator
+        result = lanczos(
+            matvec, dim, num_top=1, num_bottom=0, max_iter=settings.lanczos_max_iter, tol=settings.lanczos_tol,
+            seed=context.seed, dtype=operator.dtype, device=operator.device,
+        )
+        converged = bool(result.top_converged[0])
+        rows.append(
+            {
+                "block": module,
+                "parameters": names,
+                "num_parameters": dim,
+                "lambda_max": float(result.top[0]) if converged else None,
+                "residual": float(result.top_residuals[0]),
+                "matvecs": result.num_matvecs,
+            }
+        )
+    return rows
 
 
 def _preconditioned_sharpness(context: AnalysisContext, notes: list[str], diagnostics: dict[str, Any]) -> float | None:

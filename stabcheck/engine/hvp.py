@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from stabcheck.engine.objective import Objective
+from stabcheck.engine.objective import Objective, ParameterLayout
 
 HVP_METHODS = ("retained", "recompute")
 
@@ -136,3 +136,39 @@ def scaled_operator(operator: Callable[[torch.Tensor], torch.Tensor], scale: tor
         return scale * operator(scale * vector)
 
     return matvec
+
+
+def module_blocks(names: tuple[str, ...]) -> dict[str, list[str]]:
+    """Group parameter names by the module that owns them (the name up to its last dot).
+
+    Blocks keep the order of first appearance, so they follow the model's parameter order.
+    """
+    blocks: dict[str, list[str]] = {}
+    for name in names:
+        owner = name.rpartition(".")[0] or "(root)"
+        blocks.setdefault(owner, []).append(name)
+    return blocks
+
+
+def restricted_operator(
+    matvec: Callable[[torch.Tensor], torch.Tensor], layout: ParameterLayout, names: list[str]
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+    """Return the product with the diagonal Hessian block of ``names``, and the block's size.
+
+    The block H_BB is the curvature of the objective when only those parameters move. Each
+    product costs one full Hessian-vector product: the vector is zero outside the block.
+    """
+    slices = [layout.slice(name) for name in names]
+    dim = sum(piece.stop - piece.start for piece in slices)
+
+    def block_matvec(vector: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros(layout.dim, dtype=vector.dtype, device=vector.device)
+        offset = 0
+        for piece in slices:
+            size = piece.stop - piece.start
+            full[piece] = vector[offset : offset + size]
+            offset += size
+        product = matvec(full)
+        return torch.cat([product[piece] for piece in slices])
+
+    return block_matvec, dim

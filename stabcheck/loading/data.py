@@ -29,6 +29,7 @@ class AnalysisSet:
     labels: torch.Tensor | None
     num_classes: int | None
     source: str
+    loader_batch_size: int | None = None
 
     @property
     def num_samples(self) -> int:
@@ -68,7 +69,8 @@ def materialize(data: Any, *, max_samples: int | None, spec: str = "data") -> An
         raise DataError(f"data spec {spec!r} returned targets with NaN or inf values.")
 
     labels, num_classes = _class_labels(targets)
-    return AnalysisSet(inputs.contiguous(), targets.contiguous(), labels, num_classes, source)
+    batch_size = data.batch_size if isinstance(data, DataLoader) else None
+    return AnalysisSet(inputs.contiguous(), targets.contiguous(), labels, num_classes, source, batch_size)
 
 
 def _describe(value: Any) -> str:

@@ -77,6 +77,9 @@ def render_html(report: Report) -> str:
     for analyzer_id in report.analyzer_ids():
         renderer = SECTION_RENDERERS.get(analyzer_id, _generic_section)
         parts.append(renderer(report, analyzer_id))
+    parts.append(_per_layer_section(report))
+    if len(report.checkpoints) > 1:
+        parts.append(_trajectory_table(report))
     parts.append(_provenance_section(report))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
@@ -187,6 +190,105 @@ def _sharpness_section(report: Report, analyzer_id: str) -> str:
     return "\n".join(parts)
 
 
+def _hessian_trace_section(report: Report, analyzer_id: str) -> str:
+    analyzer = ANALYZERS[analyzer_id]
+    parts = [f"<section><h2>{escape(analyzer.title)} <small>({escape(analyzer_id)})</small></h2>", _interpretation(analyzer_id)]
+    entries = [(e["checkpoint"], e["analyzers"][analyzer_id], e["analyzers"].get("sharpness")) for e in report.results if analyzer_id in e["analyzers"]]
+    if len(entries) > 1:
+        has_steps = all(report.checkpoints[index].get("step") is not None for index, _, _ in entries)
+        steps = [report.checkpoints[index]["step"] if has_steps else index for index, _, _ in entries]
+        uri = plots.trajectory_plot(
+            steps,
+            [result["metrics"].get("trace") for _, result, _ in entries],
+            [result["metrics"].get("trace_bound") for _, result, _ in entries],
+            ylabel="trace",
+            title="Hessian trace against the SGD bound 2/lr",
+            xlabel="training step" if has_steps else "checkpoint",
+        )
+        parts.append(f'<img alt="trace over checkpoints" src="{uri}">')
+    for index, result, sharpness in entries:
+        label = checkpoint_label(report.checkpoints[index], index)
+        metrics = result["metrics"]
+        parts.append(f"<h3>{escape(label)} {_badge(result['status'])}</h3>")
+        parts.append(_metrics_table({k: v for k, v in metrics.items() if k != "spectral_density"}))
+        density = metrics.get("spectral_density")
+        if density:
+            lambda_max = sharpness["metrics"].get("lambda_max") if sharpness else None
+            uri = plots.density_plot(
+                density["grid"], density["density"], lambda_max=lambda_max,
+                threshold=metrics.get("trace_bound"), title=f"Hessian eigenvalue density, {label}",
+            )
+            parts.append(f'<img alt="spectral density" src="{uri}">')
+        estimator = result["diagnostics"].get("trace_estimator", {})
+        if estimator:
+            parts.append(
+                f"<p>{escape(str(estimator.get('method')))}: {estimator.get('num_probes')} probes, "
+                f"{estimator.get('matvecs')} Hessian-vector products, seed {estimator.get('seed')}.</p>"
+            )
+        parts.append(_notes(result["notes"]))
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _per_layer_section(report: Report) -> str:
+    """Render the per-module lambda_max and trace of each checkpoint, when --per-layer ran."""
+    parts = []
+    for entry in report.results:
+        sharpness = entry["analyzers"].get("sharpness", {}).get("diagnostics", {}).get("per_layer")
+        traces = entry["analyzers"].get("hessian-trace", {}).get("diagnostics", {}).get("per_layer")
+        if not sharpness and not traces:
+            continue
+        label = checkpoint_label(report.checkpoints[entry["checkpoint"]], entry["checkpoint"])
+        by_block: dict[str, dict[str, Any]] = {}
+        for row in sharpness or []:
+            by_block.setdefault(row["block"], {"num_parameters": row["num_parameters"]})["lambda_max"] = row["lambda_max"]
+        for row in traces or []:
+            item = by_block.setdefault(row["block"], {"num_parameters": row["num_parameters"]})
+            item["trace"], item["trace_stderr"] = row["trace"], row["trace_stderr"]
+        rows = [
+            [_cell(block), _num(item["num_parameters"]), _num(item.get("lambda_max")), _num(item.get("trace")), _num(item.get("trace_stderr"))]
+            for block, item in by_block.items()
+        ]
+        parts.append(f"<h3>{escape(label)}</h3>")
+        parts.append(_table(["module", "parameters", "lambda_max", "trace", "trace stderr"], rows))
+        blocks = list(by_block)
+        if sharpness:
+            uri = plots.per_layer_plot(blocks, [by_block[b].get("lambda_max") for b in blocks], ylabel="lambda_max of the block", title=f"Sharpness per module, {label}")
+            parts.append(f'<img alt="lambda_max per module" src="{uri}">')
+        if traces:
+            uri = plots.per_layer_plot(blocks, [by_block[b].get("trace") for b in blocks], ylabel="trace of the block", title=f"Trace per module, {label}")
+            parts.append(f'<img alt="trace per module" src="{uri}">')
+    if not parts:
+        return ""
+    intro = (
+        "<p>Each value belongs to the diagonal Hessian block of one module's parameters: the curvature "
+        "when only that module moves. The blocks' traces add up to the full trace; their lambda_max "
+        "values are each at most the full lambda_max.</p>"
+    )
+    return "<section><h2>Curvature per module</h2>" + intro + "\n".join(parts) + "</section>"
+
+
+def _trajectory_table(report: Report) -> str:
+    import pandas as pd
+
+    from stabcheck.report.table import metrics_frame
+
+    frame = metrics_frame(report)
+    headers = [str(column) for column in frame.columns]
+    rows = []
+    for record in frame.to_dict("records"):
+        cells = []
+        for value in record.values():
+            if pd.isna(value):
+                cells.append(_cell(""))
+            elif isinstance(value, float):
+                cells.append(_num(value))
+            else:
+                cells.append(_cell(value))
+        rows.append(cells)
+    return "<section><h2>Every metric per checkpoint</h2>" + _table(headers, rows) + "</section>"
+
+
 def _generic_section(report: Report, analyzer_id: str) -> str:
     analyzer = ANALYZERS.get(analyzer_id)
     title = analyzer.title if analyzer else analyzer_id
@@ -248,4 +350,5 @@ def _provenance_section(report: Report) -> str:
 
 SECTION_RENDERERS: dict[str, Callable[[Report, str], str]] = {
     "sharpness": _sharpness_section,
+    "hessian-trace": _hessian_trace_section,
 }

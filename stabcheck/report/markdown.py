@@ -24,7 +24,7 @@ def render_markdown(report: Report) -> str:
         lines.append("")
     for analyzer_id in report.analyzer_ids():
         analyzer = ANALYZERS.get(analyzer_id)
-        names = [n for n in (analyzer.metric_names if analyzer else ()) if n != "top_eigenvalues"]
+        names = [n for n in (analyzer.metric_names if analyzer else ()) if n not in analyzer.structured_metrics]
         lines += [f"### {analyzer_id}", "", "| checkpoint | status | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
         for entry in report.results:
             result = entry["analyzers"].get(analyzer_id)

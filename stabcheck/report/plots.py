@@ -79,3 +79,42 @@ def trajectory_plot(
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     return _to_data_uri(figure)
+
+
+def density_plot(
+    grid: Sequence[float],
+    density: Sequence[float],
+    *,
+    lambda_max: float | None,
+    threshold: float | None,
+    title: str,
+) -> str:
+    """Plot a spectral density on a log axis, marking the top eigenvalue and the 2/lr line."""
+    figure, axes = plt.subplots(figsize=FIGURE_SIZE)
+    values = [max(float(d), 1e-12) for d in density]
+    axes.semilogy(grid, values, color="#1f4e79", label="density (Gaussian-broadened SLQ)")
+    if lambda_max is not None:
+        axes.axvline(lambda_max, color="#d2691e", linestyle=":", label=f"λmax {lambda_max:.4g}")
+    if threshold is not None:
+        axes.axvline(threshold, color="#b22222", linestyle="--", label=f"2/lr {threshold:.4g}")
+    axes.set_ylim(bottom=max(min(values), 1e-8))
+    axes.set_xlabel("eigenvalue")
+    axes.set_ylabel("density")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    return _to_data_uri(figure)
+
+
+def per_layer_plot(blocks: Sequence[str], values: Sequence[float | None], *, ylabel: str, title: str) -> str:
+    """Bar chart of one curvature value per parameter block; missing values are left blank."""
+    figure, axes = plt.subplots(figsize=(FIGURE_SIZE[0], 0.9 + 0.35 * max(len(blocks), 1)))
+    positions = list(range(len(blocks)))
+    axes.barh(positions, [0.0 if v is None else v for v in values], color="#1f4e79")
+    axes.set_yticks(positions)
+    axes.set_yticklabels(blocks, fontsize=8)
+    axes.invert_yaxis()
+    axes.set_xlabel(ylabel)
+    axes.set_title(title)
+    axes.grid(alpha=0.3, axis="x")
+    return _to_data_uri(figure)

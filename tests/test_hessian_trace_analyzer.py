@@ -1,0 +1,101 @@
+"""The hessian-trace analyzer end to end on zoo models with dense float64 references."""
+
+import math
+
+import pytest
+import torch
+
+from cases import dense_hessian, make_case
+from stabcheck.analyzers.base import EstimatorSettings
+from stabcheck.api import analyze
+
+
+def run(case, **settings):
+    estimator = EstimatorSettings(**settings)
+    report = analyze(
+        case.model,
+        (case.inputs, case.targets),
+        loss=case.loss,
+        dtype="float64",
+        analyzers=["hessian-trace"],
+        lr=0.05,
+        batch_size=8,
+        estimator=estimator,
+    )
+    return report.results[0]["analyzers"]["hessian-trace"]
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn"])
+def test_trace_and_frobenius_match_dense(name):
+    case = make_case(name)
+    dense = dense_hessian(case.model, case.inputs, case.targets, case.loss)
+    result = run(case, trace_probes=400)
+    metrics = result["metrics"]
+    assert result["status"] == "ok"
+    assert abs(metrics["trace"] - float(torch.trace(dense))) <= 3 * metrics["trace_stderr"]
+    frobenius = float(torch.linalg.matrix_norm(dense))
+    frobenius_stderr = result["diagnostics"]["frobenius_stderr"]
+    assert abs(metrics["frobenius_norm"] - frobenius) <= 3 * frobenius_stderr
+
+
+def test_bounds_follow_lr_and_batch_size():
+    result = run(make_case("mlp"), trace_probes=50)
+    metrics = result["metrics"]
+    assert metrics["trace_bound"] == pytest.approx(2 / 0.05)
+    assert metrics["trace_ratio"] == pytest.approx(metrics["trace"] / 40.0)
+    assert metrics["frobenius_ratio"] == pytest.approx(metrics["frobenius_norm"] / (math.sqrt(8) / 0.05))
+    assert result["diagnostics"]["batch_size_source"] == "options"
+
+
+def test_spectral_density_covers_the_dense_spectrum():
+    case = make_case("mlp")
+    eigenvalues = torch.linalg.eigvalsh(dense_hessian(case.model, case.inputs, case.targets, case.loss))
+    result = run(case, trace_probes=20, density_probes=2, density_steps=60)
+    density = result["metrics"]["spectral_density"]
+    largest_node = max(max(probe) for probe in density["nodes"])
+    assert largest_node == pytest.approx(float(eigenvalues[-1]), rel=1e-6)
+    for weights in density["weights"]:
+        assert sum(weights) == pytest.approx(1.0, abs=1e-10)
+
+
+def test_unreached_precision_is_inconclusive():
+    result = run(make_case("mlp"), trace_rel_stderr=1e-6, trace_max_probes=30)
+    assert result["status"] == "inconclusive"
+    assert any("did not reach" in note for note in result["notes"])
+
+
+def test_momentum_has_no_trace_bound():
+    case = make_case("mlp")
+    report = analyze(
+        case.model, (case.inputs, case.targets), dtype="float64", analyzers=["hessian-trace"],
+        lr=0.05, momentum=0.9, estimator=EstimatorSettings(trace_probes=10),
+    )
+    result = report.results[0]["analyzers"]["hessian-trace"]
+    assert result["metrics"]["trace_bound"] is None
+    assert result["metrics"]["trace_ratio"] is None
+
+
+def test_per_layer_values_match_dense_blocks():
+    from stabcheck.engine.hvp import module_blocks
+
+    case = make_case("cnn_bn")
+    dense = dense_hessian(case.model, case.inputs, case.targets, case.loss)
+    report = analyze(
+        case.model, (case.inputs, case.targets), loss=case.loss, dtype="float64", lr=0.05,
+        estimator=EstimatorSettings(per_layer=True, trace_probes=300, lanczos_tol=1e-10, lanczos_max_iter=200),
+    )
+    analyzers = report.results[0]["analyzers"]
+    names = [name for name, p in case.model.named_parameters()]
+    offsets = [0]
+    for _, parameter in case.model.named_parameters():
+        offsets.append(offsets[-1] + parameter.numel())
+    blocks = module_blocks(tuple(names))
+    sharpness_rows = {row["block"]: row for row in analyzers["sharpness"]["diagnostics"]["per_layer"]}
+    trace_rows = {row["block"]: row for row in analyzers["hessian-trace"]["diagnostics"]["per_layer"]}
+    assert list(sharpness_rows) == list(blocks)
+    for module, members in blocks.items():
+        indices = torch.cat([torch.arange(offsets[names.index(n)], offsets[names.index(n) + 1]) for n in members])
+        block = dense[indices][:, indices]
+        assert sharpness_rows[module]["lambda_max"] == pytest.approx(float(torch.linalg.eigvalsh(block)[-1]), rel=1e-6)
+        row = trace_rows[module]
+        assert abs(row["trace"] - float(torch.trace(block))) <= 3 * row["trace_stderr"] + 1e-12
