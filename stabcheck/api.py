@@ -7,6 +7,7 @@ notebook gets the same :class:`~stabcheck.report.model.Report` that the CLI rend
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import datetime as _dt
 import logging
 import platform
@@ -114,6 +115,9 @@ def analyze(
         analyzed_model, entry = _prepare_model(model, path, trust_checkpoint, weight_set)
         trainable = {name: p for name, p in analyzed_model.named_parameters() if p.requires_grad}
         settings = settings_from_optimizer_state(entry.pop("_optimizer_state"), trainable)
+        if entry.get("_batch_size") is not None:
+            settings = replace(settings, batch_size=entry["_batch_size"])
+        entry.pop("_batch_size", None)
         settings = apply_overrides(settings, **overrides, parameter_names=tuple(trainable))
         if settings.unmapped_weight_decay is not None:
             raise CheckpointError(
@@ -255,6 +259,7 @@ def _prepare_model(
         "weight_set": checkpoint.weight_set,
         "notes": checkpoint.notes,
         "_optimizer_state": checkpoint.optimizer_state,
+        "_batch_size": checkpoint.batch_size,
     }
 
 

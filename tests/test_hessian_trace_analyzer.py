@@ -99,3 +99,27 @@ def test_per_layer_values_match_dense_blocks():
         assert sharpness_rows[module]["lambda_max"] == pytest.approx(float(torch.linalg.eigvalsh(block)[-1]), rel=1e-6)
         row = trace_rows[module]
         assert abs(row["trace"] - float(torch.trace(block))) <= 3 * row["trace_stderr"] + 1e-12
+
+
+def test_batch_size_comes_from_checkpoint_then_options(tmp_path):
+    case = make_case("mlp")
+    path = tmp_path / "run.ckpt"
+    torch.save({"state_dict": case.model.state_dict(), "hyper_parameters": {"batch_size": 16}}, path)
+    common = dict(loss=case.loss, dtype="float64", analyzers=["hessian-trace"], lr=0.05, estimator=EstimatorSettings(trace_probes=10))
+    from_file = analyze(case.model, (case.inputs, case.targets), checkpoints=[path], **common)
+    diagnostics = from_file.results[0]["analyzers"]["hessian-trace"]["diagnostics"]
+    assert diagnostics["batch_size"] == 16
+    assert diagnostics["batch_size_source"] == "checkpoint"
+    overridden = analyze(case.model, (case.inputs, case.targets), checkpoints=[path], batch_size=4, **common)
+    diagnostics = overridden.results[0]["analyzers"]["hessian-trace"]["diagnostics"]
+    assert diagnostics["batch_size"] == 4
+    assert diagnostics["batch_size_source"] == "options"
+
+
+def test_batch_size_from_a_data_loader():
+    case = make_case("mlp")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(case.inputs, case.targets), batch_size=5, shuffle=True)
+    report = analyze(case.model, loader, dtype="float64", analyzers=["hessian-trace"], lr=0.05, estimator=EstimatorSettings(trace_probes=10))
+    diagnostics = report.results[0]["analyzers"]["hessian-trace"]["diagnostics"]
+    assert diagnostics["batch_size"] == 5
+    assert diagnostics["batch_size_source"] == "data loader"

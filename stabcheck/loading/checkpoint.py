@@ -46,6 +46,7 @@ class Checkpoint:
     optimizer_state: dict[str, Any] | None
     step: int | None
     notes: list[str] = field(default_factory=list)
+    batch_size: int | None = None
 
 
 @dataclass
@@ -266,6 +267,7 @@ def _parse_torch_object(path: Path, digest: str, obj: Any, weight_set: str | Non
         optimizer_state=_find_optimizer_state(obj),
         step=_find_step(obj, is_lightning),
         notes=notes,
+        batch_size=_find_batch_size(obj),
     )
 
 
@@ -289,6 +291,16 @@ def _find_step(obj: Mapping, is_lightning: bool) -> int | None:
             value = value.item()
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return int(value)
+    return None
+
+
+def _find_batch_size(obj: Mapping) -> int | None:
+    """Read a training batch size saved beside the weights (top level, or Lightning's hyper_parameters)."""
+    for container in (obj, obj.get("hyper_parameters"), obj.get("hparams"), obj.get("config")):
+        if isinstance(container, Mapping):
+            value = container.get("batch_size")
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
     return None
 
 
