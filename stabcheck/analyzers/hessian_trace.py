@@ -46,8 +46,8 @@ class HessianTraceAnalyzer(Analyzer):
         "trace_stderr": "Standard error of the trace estimate from the probe samples; the true trace is within about 3 standard errors.",
         "trace_bound": "2/lr: the largest trace of a minimum that SGD with this learning rate can stay at (Wu & Su 2023).",
         "trace_ratio": (
-            "Trace over the bound. Above 1, SGD is linearly unstable at this point and will leave it; "
-            "runs that SGD can finish in typically sit below 1."
+            "Trace over the bound. At a minimum, a ratio above 1 means SGD is linearly unstable there "
+            "(under Wu & Su's assumptions) and will move away; minima that SGD converges to sit below 1."
         ),
         "frobenius_norm": "Frobenius norm of the Hessian, from the mean of |Hv|^2 over the same probes.",
         "frobenius_ratio": "Frobenius norm over sqrt(B)/lr, the bound for minima that SGD with batch size B can stay at (Wu, Wang & Su 2022).",
