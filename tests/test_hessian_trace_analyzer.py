@@ -68,11 +68,13 @@ def test_momentum_has_no_trace_bound():
     case = make_case("mlp")
     report = analyze(
         case.model, (case.inputs, case.targets), dtype="float64", analyzers=["hessian-trace"],
-        lr=0.05, momentum=0.9, estimator=EstimatorSettings(trace_probes=10),
+        lr=0.05, momentum=0.9, batch_size=8, estimator=EstimatorSettings(trace_probes=10),
     )
     result = report.results[0]["analyzers"]["hessian-trace"]
     assert result["metrics"]["trace_bound"] is None
     assert result["metrics"]["trace_ratio"] is None
+    assert result["metrics"]["frobenius_ratio"] is None
+    assert result["metrics"]["frobenius_norm"] is not None
 
 
 def test_per_layer_values_match_dense_blocks():
@@ -123,3 +125,5 @@ def test_batch_size_from_a_data_loader():
     diagnostics = report.results[0]["analyzers"]["hessian-trace"]["diagnostics"]
     assert diagnostics["batch_size"] == 5
     assert diagnostics["batch_size_source"] == "data loader"
+    notes = report.results[0]["analyzers"]["hessian-trace"]["notes"]
+    assert "frobenius_ratio uses batch size B=5 from the data loader" in notes

@@ -54,7 +54,8 @@ class HessianTraceAnalyzer(Analyzer):
         "spectral_density": "Eigenvalue density from stochastic Lanczos quadrature: where the Hessian's eigenvalues lie, outliers included.",
     }
     limits = (
-        "The bounds assume SGD without momentum near a minimum; for other optimizers trace_bound is null.",
+        "The bounds assume SGD without momentum near a minimum; for other optimizers they are null.",
+        "Per-layer traces always use Hutchinson's method with the analyzer's probe settings.",
         "The bounds describe the noise of mini-batch SGD. Full-batch gradient descent is limited by "
         "lambda_max alone, and its trace can sit far above 2/lr.",
         "Hutchinson's standard error is itself estimated from the probes; with few probes it can be off by a large factor.",
@@ -92,10 +93,11 @@ class HessianTraceAnalyzer(Analyzer):
             notes.append(bound_note)
         batch_size, batch_source = _batch_size(context)
         frobenius_bound = None
-        if batch_size is not None and context.training.lr:
+        if trace_bound is not None and batch_size is not None:
             frobenius_bound = math.sqrt(batch_size) / context.training.lr
-        elif estimate.frobenius_norm is not None:
-            notes.append("frobenius_ratio needs the training batch size and lr; pass --batch-size and --lr")
+            notes.append(f"frobenius_ratio uses batch size B={batch_size} from the {batch_source}")
+        elif trace_bound is not None and estimate.frobenius_norm is not None:
+            notes.append("frobenius_ratio needs the training batch size; pass --batch-size")
 
         density = spectral_density(
             operator.matvec, operator.dim, num_probes=settings.density_probes, num_steps=settings.density_steps, **common
@@ -164,7 +166,10 @@ def _trace_bound(context: AnalysisContext) -> tuple[float | None, str | None]:
     if training.lr is None:
         return None, "no learning rate in the checkpoint or options; pass --lr to get trace_bound and trace_ratio"
     if training.optimizer not in (None, "sgd") or training.momentum:
-        return None, f"the trace bound 2/lr holds for SGD without momentum, not for {training.optimizer}; trace_bound is null"
+        return None, (
+            f"the bounds 2/lr and sqrt(B)/lr hold for SGD without momentum, and this run used "
+            f"{training.optimizer}, so trace_bound, trace_ratio and frobenius_ratio are null"
+        )
     return 2.0 / training.lr, None
 
 

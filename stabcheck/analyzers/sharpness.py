@@ -95,9 +95,12 @@ class SharpnessAnalyzer(Analyzer):
         "lambda_max": "Largest Hessian eigenvalue (sharpness) of the training objective at this checkpoint.",
         "lambda_min": "Smallest Hessian eigenvalue; clearly negative values mean the point is not a minimum.",
         "top_eigenvalues": "Largest Hessian eigenvalues, descending; a large gap after the first few is typical of classifiers (about one outlier per class).",
-        "threshold": "Largest curvature the optimizer can follow stably on a quadratic: 2/lr for gradient descent.",
+        "threshold": (
+            "Largest curvature the optimizer can follow stably on a quadratic: 2/lr for gradient descent, "
+            "(2+2*beta)/lr with momentum, (2+2*beta1)/((1-beta1)*lr) for Adam's preconditioned Hessian."
+        ),
         "edge_ratio": (
-            "Sharpness over the threshold. Full-batch training typically rises to about 1 and hovers "
+            "Sharpness (for Adam, preconditioned_lambda_max) over the threshold. Full-batch training typically rises to about 1 and hovers "
             "there (the edge of stability, Cohen et al. 2021); well above 1 means the optimizer cannot "
             "be stable at this point, so expect loss spikes or divergence unless the run is mini-batch."
         ),

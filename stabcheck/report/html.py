@@ -28,7 +28,7 @@ th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: ta
 .fail, .error { background: #f8d7da; color: #8a1c24; } .inconclusive { background: #eadcf5; color: #5b2a86; }
 .skipped { background: #eee; color: #555; }
 .notes li { color: #444; } .meaning { color: #333; } code { font-size: 0.88rem; word-break: break-all; }
-img { max-width: 100%; }
+img { max-width: 100%; } .wide { overflow-x: auto; }
 @media print { body { margin: 0; max-width: none; } h2 { page-break-after: avoid; }
   section, table, img { page-break-inside: avoid; } }
 """
@@ -202,7 +202,11 @@ def _hessian_trace_section(report: Report, analyzer_id: str) -> str:
             [result["metrics"].get("trace") for _, result, _ in entries],
             [result["metrics"].get("trace_bound") for _, result, _ in entries],
             ylabel="trace",
-            title="Hessian trace against the SGD bound 2/lr",
+            title=(
+                "Hessian trace against the SGD bound 2/lr"
+                if any(result["metrics"].get("trace_bound") is not None for _, result, _ in entries)
+                else "Hessian trace"
+            ),
             xlabel="training step" if has_steps else "checkpoint",
         )
         parts.append(f'<img alt="trace over checkpoints" src="{uri}">')
@@ -210,7 +214,9 @@ def _hessian_trace_section(report: Report, analyzer_id: str) -> str:
         label = checkpoint_label(report.checkpoints[index], index)
         metrics = result["metrics"]
         parts.append(f"<h3>{escape(label)} {_badge(result['status'])}</h3>")
-        parts.append(_metrics_table({k: v for k, v in metrics.items() if k != "spectral_density"}))
+        shown = {k: v for k, v in metrics.items() if k != "spectral_density"}
+        shown["frobenius_stderr (diagnostic)"] = result["diagnostics"].get("frobenius_stderr")
+        parts.append(_metrics_table(shown))
         density = metrics.get("spectral_density")
         if density:
             lambda_max = sharpness["metrics"].get("lambda_max") if sharpness else None
@@ -280,13 +286,16 @@ def _trajectory_table(report: Report) -> str:
         cells = []
         for value in record.values():
             if pd.isna(value):
-                cells.append(_cell(""))
+                cells.append(_cell("null"))
             elif isinstance(value, float):
                 cells.append(_num(value))
             else:
                 cells.append(_cell(value))
         rows.append(cells)
-    return "<section><h2>Every metric per checkpoint</h2>" + _table(headers, rows) + "</section>"
+    return (
+        "<section><h2>Every metric per checkpoint</h2>"
+        f'<div class="wide">{_table(headers, rows)}</div></section>'
+    )
 
 
 def _generic_section(report: Report, analyzer_id: str) -> str:

@@ -26,6 +26,8 @@ def metrics_frame(report: Report) -> pd.DataFrame:
                 if name in structured or isinstance(value, (list, dict)):
                     continue
                 row[f"{analyzer_id}.{name}"] = value
+            if "frobenius_stderr" in result["diagnostics"]:
+                row[f"{analyzer_id}.frobenius_stderr"] = result["diagnostics"]["frobenius_stderr"]
         rows.append(row)
     frame = pd.DataFrame(rows)
     # Integer steps with a missing value would otherwise turn into floats.

@@ -58,10 +58,9 @@ def render_terminal(report: Report, console: Console) -> None:
     )
     training = report.training
     if training.get("lr") is not None:
-        console.print(
-            f"training: {training['optimizer']} lr={format_value(training['lr'])} "
-            f"(from {training['source']})"
-        )
+        overridden = training.get("overridden") or []
+        origin = f"options set {', '.join(overridden)}" if overridden else f"from the {training['source']}"
+        console.print(f"training: {training['optimizer']} lr={format_value(training['lr'])} ({origin})", highlight=False)
     for analyzer_id in report.analyzer_ids():
         _render_analyzer(report, analyzer_id, console)
     _render_gates(report, console)
