@@ -322,7 +322,7 @@ def test_options_override_checkpoint_values():
     assert settings.source == "checkpoint"
 
 
-def test_optimizer_state_out_of_model_order_is_not_used():
+def test_out_of_order_state_unused():
     model = build_model()
     parameters = list(model.parameters())
     optimizer = torch.optim.Adam(parameters[::-1], lr=1e-3)
@@ -381,7 +381,7 @@ def test_unnamed_param_groups_with_different_decay_are_rejected(tmp_path):
     assert report.checkpoints[0]["training"]["overridden"] == ["weight_decay"]
 
 
-def test_unnamed_param_groups_with_equal_decay_apply_to_all():
+def test_unnamed_equal_decay_applies_to_all():
     model = build_model()
     parameters = list(model.parameters())
     optimizer = torch.optim.SGD(

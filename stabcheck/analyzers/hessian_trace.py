@@ -71,14 +71,7 @@ class HessianTraceAnalyzer(Analyzer):
         if settings.trace_method == "hutch++":
             estimate = hutch_plus_plus(operator.matvec, operator.dim, num_matvecs=settings.trace_probes or settings.trace_max_probes, **common)
         else:
-            estimate = hutchinson(
-                operator.matvec,
-                operator.dim,
-                num_probes=settings.trace_probes,
-                target_rel_stderr=None if settings.trace_probes else settings.trace_rel_stderr,
-                max_probes=settings.trace_max_probes,
-                **common,
-            )
+            estimate = _hutchinson(context, operator.matvec, operator.dim)
         status = "ok"
         if settings.trace_probes is None and not estimate.reached_target:
             status = "inconclusive"
@@ -131,23 +124,29 @@ class HessianTraceAnalyzer(Analyzer):
         return AnalyzerResult(status=status, metrics=metrics, diagnostics=diagnostics, notes=tuple(notes))
 
 
+def _hutchinson(context: AnalysisContext, matvec: Any, dim: int) -> TraceEstimate:
+    """Run Hutchinson with a fixed probe count if one is set, else until the target precision."""
+    settings = context.estimator
+    operator = context.hessian()
+    return hutchinson(
+        matvec,
+        dim,
+        num_probes=settings.trace_probes,
+        target_rel_stderr=None if settings.trace_probes else settings.trace_rel_stderr,
+        max_probes=settings.trace_max_probes,
+        seed=context.seed,
+        dtype=operator.dtype,
+        device=operator.device,
+    )
+
+
 def _per_layer_traces(context: AnalysisContext) -> list[dict[str, Any]]:
     """Estimate the trace of each module's diagonal Hessian block with the analyzer's settings."""
     operator = context.hessian()
-    settings = context.estimator
     rows = []
     for module, names in module_blocks(operator.layout.names).items():
         matvec, dim = restricted_operator(operator.matvec, operator.layout, names)
-        estimate = hutchinson(
-            matvec,
-            dim,
-            num_probes=settings.trace_probes,
-            target_rel_stderr=None if settings.trace_probes else settings.trace_rel_stderr,
-            max_probes=settings.trace_max_probes,
-            seed=context.seed,
-            dtype=operator.dtype,
-            device=operator.device,
-        )
+        estimate = _hutchinson(context, matvec, dim)
         rows.append(
             {
                 "block": module,

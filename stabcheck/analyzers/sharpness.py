@@ -188,13 +188,20 @@ class SharpnessAnalyzer(Analyzer):
 
 
 def _run_lanczos(
-    context: AnalysisContext, matvec: Callable[[torch.Tensor], torch.Tensor], *, num_top: int, num_bottom: int, label: str
+    context: AnalysisContext,
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    num_top: int,
+    num_bottom: int,
+    label: str | None = None,
+    dim: int | None = None,
 ) -> LanczosResult:
+    """Run Lanczos with the context's settings; ``dim`` defaults to the full parameter count."""
     operator = context.hessian()
     settings = context.estimator
     return lanczos(
         matvec,
-        operator.dim,
+        operator.dim if dim is None else dim,
         num_top=num_top,
         num_bottom=num_bottom,
         max_iter=settings.lanczos_max_iter,
@@ -202,7 +209,7 @@ def _run_lanczos(
         seed=context.seed,
         dtype=operator.dtype,
         device=operator.device,
-        progress=context.progress(label),
+        progress=context.progress(label) if label else None,
     )
 
 
@@ -212,11 +219,7 @@ def _per_layer_sharpness(context: AnalysisContext) -> list[dict[str, Any]]:
     rows = []
     for module, names in module_blocks(operator.layout.names).items():
         matvec, dim = restricted_operator(operator.matvec, operator.layout, names)
-        settings = context.estimator
-        result = lanczos(
-            matvec, dim, num_top=1, num_bottom=0, max_iter=settings.lanczos_max_iter, tol=settings.lanczos_tol,
-            seed=context.seed, dtype=operator.dtype, device=operator.device,
-        )
+        result = _run_lanczos(context, matvec, num_top=1, num_bottom=0, dim=dim)
         converged = bool(result.top_converged[0])
         rows.append(
             {

@@ -214,9 +214,9 @@ def _hessian_trace_section(report: Report, analyzer_id: str) -> str:
         label = checkpoint_label(report.checkpoints[index], index)
         metrics = result["metrics"]
         parts.append(f"<h3>{escape(label)} {_badge(result['status'])}</h3>")
-        shown = {k: v for k, v in metrics.items() if k != "spectral_density"}
-        shown["frobenius_stderr (diagnostic)"] = result["diagnostics"].get("frobenius_stderr")
-        parts.append(_metrics_table(shown))
+        table_rows = {k: v for k, v in metrics.items() if k != "spectral_density"}
+        table_rows["frobenius_stderr (diagnostic)"] = result["diagnostics"].get("frobenius_stderr")
+        parts.append(_metrics_table(table_rows))
         density = metrics.get("spectral_density")
         if density:
             lambda_max = sharpness["metrics"].get("lambda_max") if sharpness else None
