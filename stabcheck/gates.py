@@ -138,8 +138,12 @@ def _judge(gate: Gate, index: int, result: Mapping[str, Any]) -> GateResult:
         reason = f"{gate.analyzer_id} is {result['status']}: {'; '.join(result['notes'][:2])}"
         return GateResult(gate.name, index, value, gate.warn, gate.fail, "inconclusive", reason)
     if value is None:
-        why = next((note for note in result["notes"] if gate.metric in note or "lr" in note), "value is undefined")
-        return GateResult(gate.name, index, None, gate.warn, gate.fail, "inconclusive", f"{gate.metric} is null: {why}")
+        # The note that names the metric explains it; a substring test on "lr" matched unrelated words.
+        explanation = next(
+            (note for note in result["notes"] if gate.metric in note),
+            result["notes"][0] if result["notes"] else "value is undefined",
+        )
+        return GateResult(gate.name, index, None, gate.warn, gate.fail, "inconclusive", f"{gate.metric} is null: {explanation}")
     if gate.fail is not None and value > gate.fail:
         status = "fail"
     elif gate.warn is not None and value > gate.warn:

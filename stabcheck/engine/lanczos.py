@@ -101,7 +101,7 @@ def lanczos(
     vectors = np.zeros((0, 0))
     residuals = np.zeros(0)
     scale = 0.0
-    wanted_residual = np.inf
+    requested_residual = np.inf
 
     for step in range(max_iter):
         w = matvec(basis[step]).to(dtype=dtype, device=device)
@@ -113,10 +113,10 @@ def lanczos(
         theta, vectors = tridiagonal_eigh(alphas, betas)
         residuals = beta * np.abs(vectors[-1, :])
         scale = float(np.max(np.abs(theta)))
-        wanted = _wanted_indices(len(theta), num_top, num_bottom)
-        wanted_residual = float(np.max(residuals[wanted]))
+        requested = _requested_indices(len(theta), num_top, num_bottom)
+        requested_residual = float(np.max(residuals[requested]))
         if progress is not None:
-            progress(step + 1, max_iter, wanted_residual / scale if scale > 0 else 0.0)
+            progress(step + 1, max_iter, requested_residual / scale if scale > 0 else 0.0)
 
         # beta at rounding level relative to the operator's scale: Q spans an invariant subspace.
         tiny = np.finfo(np.float64).eps * max(scale, np.finfo(np.float64).tiny) * np.sqrt(dim)
@@ -124,22 +124,22 @@ def lanczos(
             invariant = True
             break
         enough_values = len(theta) >= min(num_top + num_bottom, dim)
-        if enough_values and wanted_residual <= tol * scale:
+        if enough_values and requested_residual <= tol * scale:
             break
         if step + 1 < max_iter:
             betas.append(beta)
             basis[step + 1] = w / beta
 
     iterations = len(alphas)
-    wanted = _wanted_indices(len(theta), num_top, num_bottom)
+    requested = _requested_indices(len(theta), num_top, num_bottom)
     checked = residuals.copy()
     if check_residuals:
-        checked[wanted] = _explicit_residuals(matvec, basis[:iterations], vectors[:, wanted], theta[wanted])
+        checked[requested] = _explicit_residuals(matvec, basis[:iterations], vectors[:, requested], theta[requested])
     order_desc = np.argsort(theta)[::-1]
     top_idx = order_desc[: min(num_top, len(theta))]
     bottom_idx = np.argsort(theta)[: min(num_bottom, len(theta))]
     enough_values = len(theta) >= min(num_top + num_bottom, dim)
-    converged = enough_values and bool(np.max(checked[wanted]) <= tol * scale)
+    converged = enough_values and bool(np.max(checked[requested]) <= tol * scale)
     return LanczosResult(
         ritz_values=theta[order_desc],
         residuals=residuals[order_desc],
@@ -150,7 +150,7 @@ def lanczos(
         converged=converged,
         invariant_subspace=invariant,
         iterations=iterations,
-        num_matvecs=iterations + (len(wanted) if check_residuals else 0),
+        num_matvecs=iterations + (len(requested) if check_residuals else 0),
         tol=tol,
         scale=scale,
         seed=seed,
@@ -230,7 +230,7 @@ def _tridiagonal(alphas: list[float], betas: list[float]) -> np.ndarray:
     return matrix
 
 
-def _wanted_indices(count: int, num_top: int, num_bottom: int) -> np.ndarray:
+def _requested_indices(count: int, num_top: int, num_bottom: int) -> np.ndarray:
     """Indices into ascending Ritz values of the bottom ``num_bottom`` and top ``num_top``."""
     bottom = list(range(min(num_bottom, count)))
     top = list(range(max(0, count - num_top), count))

@@ -98,7 +98,7 @@ class Objective:
     """Mean per-example loss of a model over a fixed analysis set, in a chosen dtype and device.
 
     The model runs in eval mode unless ``training=True``. ``chunk_size`` bounds how many examples
-    one forward pass sees, and the loss does not depend on it.
+    one forward pass processes, and the loss does not depend on it.
     """
 
     def __init__(

@@ -306,10 +306,10 @@ def _find_batch_size(obj: Mapping) -> int | None:
 
 def _list_keys(keys: Any) -> str:
     keys = [str(key) for key in keys]
-    shown = ", ".join(keys[:MAX_LISTED_KEYS])
+    listed = ", ".join(keys[:MAX_LISTED_KEYS])
     if len(keys) > MAX_LISTED_KEYS:
-        shown += f", ... ({len(keys) - MAX_LISTED_KEYS} more)"
-    return shown
+        listed += f", ... ({len(keys) - MAX_LISTED_KEYS} more)"
+    return listed
 
 
 def match_weights(checkpoint: Checkpoint, model: torch.nn.Module) -> MatchedWeights:
