@@ -7,28 +7,43 @@ notebook gets the same :class:`~stabcheck.report.model.Report` that the CLI rend
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 import datetime as _dt
 import logging
 import platform
 import socket
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from stabcheck import __version__
-from stabcheck.analyzers.base import AnalysisContext, AnalyzerResult, EstimatorSettings, ProgressFactory
+from stabcheck.analyzers.base import (
+    AnalysisContext,
+    AnalyzerResult,
+    EstimatorSettings,
+    ProgressFactory,
+)
 from stabcheck.analyzers.registry import resolve_analyzers
 from stabcheck.engine.hvp import HVP_METHODS
-from stabcheck.engine.objective import Objective, PerExampleLoss, builtin_loss
+from stabcheck.engine.objective import (
+    MODEL_MODES,
+    Objective,
+    PerExampleLoss,
+    builtin_loss,
+)
+from stabcheck.engine.per_example import METHODS as PER_EXAMPLE_METHODS
 from stabcheck.engine.trace import MIN_SEQUENTIAL_PROBES
 from stabcheck.errors import CheckpointError, StabcheckError, UsageError
 from stabcheck.gates import evaluate_gates, exit_code_for, parse_gates
 from stabcheck.loading.checkpoint import Checkpoint, load_checkpoint, match_weights
 from stabcheck.loading.data import AnalysisSet, materialize
-from stabcheck.loading.optimizer import TrainingSettings, apply_overrides, settings_from_optimizer_state
+from stabcheck.loading.optimizer import (
+    TrainingSettings,
+    apply_overrides,
+    settings_from_optimizer_state,
+)
 from stabcheck.report.model import Report
 
 log = logging.getLogger(__name__)
@@ -70,6 +85,7 @@ def analyze(
     seed: int = 0,
     device: str = "cpu",
     dtype: str = "float32",
+    model_mode: str = "eval",
     estimator: EstimatorSettings | None = None,
     gates: Mapping[str, Any] | None = None,
     trust_checkpoint: bool = False,
@@ -84,6 +100,8 @@ def analyze(
     tuple; its first ``max_samples`` examples form the analysis set. ``lr``, ``optimizer``,
     ``momentum``, ``batch_size`` and ``weight_decay`` (coupled L2, added to the objective as
     weight_decay/2 * |theta|^2) override what the checkpoints' optimizer state records.
+    ``model_mode`` is ``eval`` (BatchNorm running statistics) or ``train-bn-batch-stats``
+    (BatchNorm statistics of the whole analysis set; dropout stays off).
     ``gates`` is a table such as
     ``{"sharpness.edge_ratio": {"warn": 0.9, "fail": 1.2}}`` merged over the defaults.
     """
@@ -98,6 +116,7 @@ def analyze(
         "weight_decay": weight_decay,
     }
     chosen = resolve_analyzers(list(analyzers) if analyzers else None)
+    _validate_model_mode(model_mode, list(analyzers or ()))
     gate_table = parse_gates(gates)
     provenance = dict(provenance or {})
     progress = progress or (lambda label: None)
@@ -134,7 +153,7 @@ def analyze(
         results.append(
             {
                 "checkpoint": index,
-                "analyzers": _run_analyzers(chosen, analyzed_model, analysis_set, settings, estimator, seed, device, dtype, loss_fn, progress),
+                "analyzers": _run_analyzers(chosen, analyzed_model, analysis_set, settings, estimator, seed, device, dtype, model_mode, loss_fn, progress),
             }
         )
 
@@ -159,7 +178,7 @@ def analyze(
             "spec": provenance.get("model_spec", type(model).__name__),
             "kwargs": provenance.get("model_kwargs", {}),
             "num_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "mode": "eval",
+            "mode": model_mode,
         },
         data={
             "spec": provenance.get("data_spec", type(data).__name__),
@@ -208,10 +227,33 @@ def _validate_settings(estimator: EstimatorSettings, device: str, dtype: str) ->
             f"--trace-max-probes must be at least {MIN_SEQUENTIAL_PROBES}, the fewest probes whose "
             f"standard error is trusted, got {estimator.trace_max_probes}."
         )
+    if estimator.per_example_method not in PER_EXAMPLE_METHODS:
+        raise UsageError(
+            f"--per-example-method {estimator.per_example_method!r} is unknown; use one of "
+            f"{', '.join(PER_EXAMPLE_METHODS)}."
+        )
+    if estimator.memory_budget is not None and estimator.memory_budget <= 0:
+        raise UsageError(f"--memory-budget must be positive, got {estimator.memory_budget} bytes.")
+    if estimator.opposing_candidates < 4 or estimator.opposing_groups < 0:
+        raise UsageError(
+            f"--opposing-candidates must be at least 4 and --opposing-groups at least 0, got "
+            f"{estimator.opposing_candidates} and {estimator.opposing_groups}."
+        )
     if estimator.density_probes < 1 or estimator.density_steps < 2:
         raise UsageError(
             f"--density-probes must be at least 1 and --density-steps at least 2, got "
             f"{estimator.density_probes} and {estimator.density_steps}."
+        )
+
+
+def _validate_model_mode(model_mode: str, requested: list[str]) -> None:
+    if model_mode not in MODEL_MODES:
+        raise UsageError(f"--model-mode {model_mode!r} is unknown; use one of {', '.join(MODEL_MODES)}.")
+    if model_mode != "eval" and "gradient-coherence" in requested:
+        raise UsageError(
+            "gradient-coherence cannot run with --model-mode train-bn-batch-stats: with BatchNorm on "
+            "batch statistics, each example's output depends on the rest of the batch, so per-example "
+            "gradients are undefined. Use --model-mode eval, or leave gradient-coherence out of --analyzers."
         )
 
 
@@ -272,6 +314,7 @@ def _run_analyzers(
     seed: int,
     device: str,
     dtype: str,
+    model_mode: str,
     loss_fn: PerExampleLoss,
     progress: ProgressFactory,
 ) -> dict[str, dict[str, Any]]:
@@ -283,6 +326,7 @@ def _run_analyzers(
         weight_decay=settings.weight_decay,
         dtype=DTYPES[dtype],
         device=device,
+        mode=model_mode,
     )
     context = AnalysisContext(
         model=model,

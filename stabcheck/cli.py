@@ -97,6 +97,7 @@ def analyze(
     seed: Annotated[Optional[int], typer.Option(help="Seed for start vectors and probes (default 0).")] = None,
     device: Annotated[Optional[DeviceChoice], typer.Option(help="Device to run on (default cpu).")] = None,
     dtype: Annotated[Optional[DtypeChoice], typer.Option(help="Floating-point type of the analysis (default float32).")] = None,
+    model_mode: Annotated[Optional[str], typer.Option(help="eval (default: BatchNorm running statistics, dropout off) or train-bn-batch-stats (BatchNorm on the statistics of the whole analysis set as one batch, dropout off).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="Config file. Default: ./stabcheck.toml, then the \\[tool.stabcheck] table of ./pyproject.toml.")] = None,
     json_path: Annotated[Optional[str], typer.Option("--json", help="Write the JSON report to this path; '-' writes it to stdout.")] = None,
     html: Annotated[Optional[Path], typer.Option(help="Write the self-contained HTML report to this path.")] = None,
@@ -116,6 +117,10 @@ def analyze(
     density_probes: Annotated[Optional[int], typer.Option(help="Probes for the spectral density (default 3).")] = None,
     density_steps: Annotated[Optional[int], typer.Option(help="Lanczos steps per spectral-density probe (default 60).")] = None,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="Also estimate lambda_max and the trace of each module's diagonal Hessian block (one Lanczos run and one trace estimate per module).")] = False,
+    per_example_method: Annotated[Optional[str], typer.Option(help="Per-example gradients: auto (from layer inputs and output gradients where possible, vmap elsewhere), vmap, or loop (slowest, for checks).")] = None,
+    memory_budget: Annotated[Optional[str], typer.Option(help="Memory the per-example gradient statistics may use, e.g. 8GB or 512MiB (default: half of the free memory).")] = None,
+    opposing_candidates: Annotated[Optional[int], typer.Option(help="Examples with the largest gradient norms searched for opposing groups (default 128).")] = None,
+    opposing_groups: Annotated[Optional[int], typer.Option(help="Most pairs of opposing groups to report (default 3; 0 skips the search).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print no terminal summary or progress.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details to stderr.")] = False,
 ) -> None:
@@ -136,7 +141,9 @@ def analyze(
                 hvp_method=hvp_method, trace_method=trace_method, trace_probes=trace_probes,
                 trace_rel_stderr=trace_rel_stderr, trace_max_probes=trace_max_probes,
                 density_probes=density_probes, density_steps=density_steps,
-                per_layer=per_layer or None,
+                per_layer=per_layer or None, per_example_method=per_example_method,
+                memory_budget=memory_budget, opposing_candidates=opposing_candidates,
+                opposing_groups=opposing_groups, model_mode=model_mode,
             ),
             config_path=config,
             lmc_with=lmc_with,
@@ -211,6 +218,10 @@ def _run(
         density_probes=setting("density_probes", defaults.density_probes),
         density_steps=setting("density_steps", defaults.density_steps),
         per_layer=bool(setting("per_layer", defaults.per_layer)),
+        per_example_method=setting("per_example_method", defaults.per_example_method),
+        memory_budget=_memory_budget(setting("memory_budget")),
+        opposing_candidates=setting("opposing_candidates", defaults.opposing_candidates),
+        opposing_groups=setting("opposing_groups", defaults.opposing_groups),
     )
     with _progress(console) as progress:
         return run_analysis(
@@ -228,6 +239,7 @@ def _run(
             seed=setting("seed", 0),
             device=setting("device", "cpu"),
             dtype=setting("dtype", "float32"),
+            model_mode=setting("model_mode", "eval"),
             estimator=estimator,
             gates=setting("gates"),
             trust_checkpoint=trust_checkpoint,
@@ -243,6 +255,17 @@ def _run(
                 "config": str(file_config.path) if file_config.path else None,
             },
         )
+
+
+def _memory_budget(value: Any) -> int | None:
+    from stabcheck.engine.memory import parse_size
+
+    if value is None or isinstance(value, int):
+        return value
+    try:
+        return parse_size(str(value))
+    except ValueError as error:
+        raise UsageError(f"--memory-budget {value!r} is invalid: {error}.") from None
 
 
 class _progress:

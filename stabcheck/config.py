@@ -35,6 +35,7 @@ KNOWN_KEYS = {
     "seed": int,
     "device": str,
     "dtype": str,
+    "model_mode": str,
     "lanczos_iters": int,
     "lanczos_tol": (int, float),
     "top_k": int,
@@ -46,6 +47,10 @@ KNOWN_KEYS = {
     "density_probes": int,
     "density_steps": int,
     "per_layer": bool,
+    "per_example_method": str,
+    "memory_budget": (int, str),
+    "opposing_candidates": int,
+    "opposing_groups": int,
     "weight_set": str,
     "gates": dict,
 }

@@ -119,6 +119,13 @@ def test_missing_learning_rate_is_inconclusive(project, tmp_path):
         (["--loss", "mse"], "the loss cannot be computed"),
         (["--analyzers", "sharpnes"], "unknown analyzer 'sharpnes'; valid ids: sharpness"),
         (["--lr", "-1"], "--lr must be a positive number"),
+        (["--memory-budget", "12XB"], "--memory-budget '12XB' is invalid: unknown unit 'xb'"),
+        (["--per-example-method", "batched"], "--per-example-method 'batched' is unknown"),
+        (["--model-mode", "train"], "--model-mode 'train' is unknown"),
+        (
+            ["--analyzers", "gradient-coherence", "--model-mode", "train-bn-batch-stats"],
+            "per-example gradients are undefined",
+        ),
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--dtype", "float64", "--lanczos-iters", "1"], "--"),
     ],
 )
@@ -238,6 +245,31 @@ def test_batchnorm_model_and_file_unchanged(tmp_path):
     assert hashlib.sha256(project.checkpoint.read_bytes()).hexdigest() == digest
     document = json.loads((tmp_path / "r.json").read_text())
     assert document["model"]["mode"] == "eval"
+
+
+def test_batch_statistics_mode_skips_coherence(tmp_path):
+    project = write_toy_project(tmp_path / "bn", model="build_bn_model")
+    result = invoke(project, "--json", str(tmp_path / "r.json"), "--model-mode", "train-bn-batch-stats", model="build_bn_model")
+    assert result.exit_code == 0, result.output
+    document = json.loads((tmp_path / "r.json").read_text())
+    assert document["model"]["mode"] == "train-bn-batch-stats"
+    coherence = document["results"][0]["analyzers"]["gradient-coherence"]
+    assert coherence["status"] == "skipped"
+    assert "BatchNorm uses batch statistics" in coherence["notes"][0]
+    assert document["results"][0]["analyzers"]["sharpness"]["status"] == "ok"
+
+
+def test_coherence_section_in_reports(project, tmp_path):
+    result = invoke(project, "--json", str(tmp_path / "r.json"), "--html", str(tmp_path / "r.html"), "--memory-budget", "64MiB")
+    assert result.exit_code == 0, result.output
+    coherence = json.loads((tmp_path / "r.json").read_text())["results"][0]["analyzers"]["gradient-coherence"]
+    assert coherence["status"] == "ok"
+    assert coherence["diagnostics"]["memory_budget_bytes"] == 64 * 1024**2
+    assert set(coherence["metrics"]["per_class"]) == {"0", "1", "2"}
+    page = (tmp_path / "r.html").read_text()
+    assert "Gradient coherence" in page
+    assert "Opposing signals" in page
+    assert "gradient-coherence" in result.output
 
 
 def test_html_escapes_user_strings_and_fetches_nothing(project, tmp_path):

@@ -3,10 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from torch.func import functional_call
 
 from cases import CASE_NAMES, dense_hessian, make_case, relative_error
 from stabcheck.analyzers.base import AnalysisContext, EstimatorSettings
 from stabcheck.analyzers.sharpness import SharpnessAnalyzer, adam_preconditioner_scale
+from stabcheck.api import analyze
 from stabcheck.engine.hvp import HessianOperator
 from stabcheck.engine.objective import Objective, builtin_loss
 from stabcheck.loading.data import materialize
@@ -165,3 +167,41 @@ def test_restricted_operator_is_the_dense_block(name):
         block = dense[indices][:, indices]
         vector = torch.randn(dim, dtype=torch.float64, generator=torch.Generator().manual_seed(dim))
         np.testing.assert_allclose(matvec(vector).numpy(), (block @ vector).numpy(), rtol=1e-9, atol=1e-11)
+
+
+def test_batch_statistics_mode_matches_dense_train_mode_hessian():
+    """BatchNorm on the statistics of the whole analysis set, dropout off."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(), torch.nn.Dropout(0.5), torch.nn.Linear(6, 3)
+    ).double()
+    inputs = torch.randn(24, 4, dtype=torch.float64)
+    targets = torch.randint(0, 3, (24,))
+    named = [(n, p) for n, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for _, p in named])
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+
+    def objective(theta):
+        params, offset = {}, 0
+        for name, parameter in named:
+            params[name] = theta[offset : offset + parameter.numel()].view(parameter.shape)
+            offset += parameter.numel()
+        model.train()
+        model[3].eval()  # dropout off
+        state = {**params, **{n: b.clone() for n, b in buffers.items()}}
+        value = torch.nn.functional.cross_entropy(functional_call(model, state, (inputs,)), targets)
+        model.eval()
+        return value
+
+    dense = torch.autograd.functional.hessian(objective, flat)
+    eigenvalues = torch.linalg.eigvalsh((dense + dense.T) / 2)
+    buffers_before = {n: b.clone() for n, b in model.named_buffers()}
+    report = analyze(
+        model, (inputs, targets), dtype="float64", model_mode="train-bn-batch-stats", analyzers=["sharpness"],
+        lr=0.1, estimator=EstimatorSettings(lanczos_max_iter=200),
+    )
+    metrics = report.results[0]["analyzers"]["sharpness"]["metrics"]
+    assert report.model["mode"] == "train-bn-batch-stats"
+    assert metrics["lambda_max"] == pytest.approx(float(eigenvalues[-1]), rel=1e-6)
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, buffers_before[name])

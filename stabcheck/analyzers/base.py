@@ -57,6 +57,13 @@ class EstimatorSettings:
     density_probes: int = 3
     density_steps: int = 60
     per_layer: bool = False
+    # Per-example gradients: "auto" (layer rule where it applies, vmap elsewhere), "vmap" or "loop".
+    per_example_method: str = "auto"
+    # Bytes the per-example statistics may allocate; None takes half the free memory at run time.
+    memory_budget: int | None = None
+    # Examples with the largest gradient norms searched for opposing groups, and the pairs reported.
+    opposing_candidates: int = 128
+    opposing_groups: int = 3
 
     def to_json(self) -> dict[str, Any]:
         return dict(vars(self))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from stabcheck.analyzers.base import Analyzer
+from stabcheck.analyzers.gradient_coherence import GradientCoherenceAnalyzer
 from stabcheck.analyzers.hessian_trace import HessianTraceAnalyzer
 from stabcheck.analyzers.sharpness import SharpnessAnalyzer
 from stabcheck.errors import UsageError
@@ -10,10 +11,11 @@ from stabcheck.errors import UsageError
 ANALYZERS: dict[str, type[Analyzer]] = {
     SharpnessAnalyzer.id: SharpnessAnalyzer,
     HessianTraceAnalyzer.id: HessianTraceAnalyzer,
+    GradientCoherenceAnalyzer.id: GradientCoherenceAnalyzer,
 }
 
 # Analyzer ids reserved by the JSON contract whose implementation has not shipped yet.
-PLANNED = ("gradient-coherence", "lmc", "softmax-collapse", "neural-collapse")
+PLANNED = ("lmc", "softmax-collapse", "neural-collapse")
 
 
 def resolve_analyzers(ids: list[str] | None) -> list[Analyzer]:

@@ -54,11 +54,21 @@ def builtin_loss(name: str) -> PerExampleLoss:
     raise SpecError(f"--loss {name!r} is not a built-in loss ({', '.join(BUILTIN_LOSSES)}) or a file.py:function spec.")
 
 
+MODEL_MODES = ("eval", "train-bn-batch-stats")
+
+
 @contextlib.contextmanager
-def module_mode(model: torch.nn.Module, *, training: bool) -> Iterator[None]:
-    """Put every submodule in train or eval mode, then restore each one's own flag."""
+def module_mode(model: torch.nn.Module, *, training: bool, batchnorm_only: bool = False) -> Iterator[None]:
+    """Put every submodule (or only the BatchNorm layers) in train or eval mode, then restore
+    each one's own flag."""
     saved = [(module, module.training) for module in model.modules()]
-    model.train(training)
+    if batchnorm_only:
+        model.eval()
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.train(training)
+    else:
+        model.train(training)
     try:
         yield
     finally:
@@ -97,8 +107,11 @@ class ParameterLayout:
 class Objective:
     """Mean per-example loss of a model over a fixed analysis set, in a chosen dtype and device.
 
-    The model runs in eval mode unless ``training=True``. ``chunk_size`` bounds how many examples
-    one forward pass processes, and the loss does not depend on it.
+    The model runs in eval mode unless ``training=True``. ``mode="train-bn-batch-stats"`` runs
+    BatchNorm layers on the statistics of the whole analysis set, as one batch, with every other
+    module (dropout included) in eval mode. ``chunk_size`` bounds how many examples one forward
+    pass processes, and the loss does not depend on it, except in that mode, which needs a single
+    chunk.
     """
 
     def __init__(
@@ -113,7 +126,11 @@ class Objective:
         device: torch.device | str = "cpu",
         chunk_size: int | None = None,
         training: bool = False,
+        mode: str = "eval",
     ) -> None:
+        if mode not in MODEL_MODES:
+            raise ValueError(f"model mode {mode!r} is unknown; use one of {', '.join(MODEL_MODES)}")
+        self.mode = mode
         self.model = model
         self.loss_fn = loss
         self.dtype = dtype
@@ -123,6 +140,8 @@ class Objective:
         self.targets = _cast(targets, dtype, self.device)
         self.num_samples = int(self.inputs.shape[0])
         self.chunk_size = chunk_size or self.num_samples
+        if mode == "train-bn-batch-stats" and self.chunk_size < self.num_samples:
+            raise ValueError("BatchNorm batch statistics need the whole analysis set in one chunk")
 
         trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if not trainable:
@@ -148,13 +167,19 @@ class Objective:
     def dim(self) -> int:
         return self.layout.dim
 
+    @property
+    def couples_examples(self) -> bool:
+        """Whether one example's output depends on the rest of its batch (BatchNorm batch statistics)."""
+        return self.training or self.mode == "train-bn-batch-stats"
+
     def flat_point(self) -> torch.Tensor:
         return self.layout.flatten(self.point)
 
     def outputs(self, params: Mapping[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
         # Buffers are cloned for each call so that a train-mode forward cannot update them in place.
         state = {**self.frozen, **params, **{name: b.clone() for name, b in self.buffers.items()}}
-        with module_mode(self.model, training=self.training):
+        batch_stats = self.mode == "train-bn-batch-stats"
+        with module_mode(self.model, training=self.training or batch_stats, batchnorm_only=batch_stats):
             return functional_call(self.model, state, (inputs,), strict=True)
 
     def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -13,6 +13,14 @@ from typing import Any
 
 from stabcheck.analyzers.registry import ANALYZERS
 from stabcheck.report import plots
+from stabcheck.report.html_coherence import coherence_section
+from stabcheck.report.html_parts import badge as _badge
+from stabcheck.report.html_parts import cell as _cell
+from stabcheck.report.html_parts import interpretation as _interpretation
+from stabcheck.report.html_parts import metrics_table as _metrics_table
+from stabcheck.report.html_parts import notes_list as _notes
+from stabcheck.report.html_parts import number_cell as _num
+from stabcheck.report.html_parts import table as _table
 from stabcheck.report.model import Report
 from stabcheck.report.terminal import checkpoint_label, format_value
 
@@ -32,31 +40,6 @@ img { max-width: 100%; } .wide { overflow-x: auto; }
 @media print { body { margin: 0; max-width: none; } h2 { page-break-after: avoid; }
   section, table, img { page-break-inside: avoid; } }
 """
-
-
-def _badge(status: str) -> str:
-    return f'<span class="badge {escape(status)}">{escape(status)}</span>'
-
-
-def _num(value: Any) -> str:
-    return f'<td class="num">{escape(format_value(value))}</td>'
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _cell(text: Any) -> str:
-    return f"<td>{escape(str(text))}</td>"
-
-
-def _notes(notes: list[str]) -> str:
-    if not notes:
-        return ""
-    items = "".join(f"<li>{escape(note)}</li>" for note in notes)
-    return f'<ul class="notes">{items}</ul>'
 
 
 def render_html(report: Report) -> str:
@@ -103,23 +86,6 @@ def _gates_section(report: Report) -> str:
             ]
         )
     return "<h2>Gates</h2>" + _table(["gate", "checkpoint", "value", "warn above", "fail above", "status", "reason"], rows)
-
-
-def _interpretation(analyzer_id: str) -> str:
-    analyzer = ANALYZERS.get(analyzer_id)
-    if analyzer is None:
-        return ""
-    items = "".join(
-        f"<li><strong>{escape(name)}</strong>: {escape(text)}</li>" for name, text in analyzer.interpretation.items()
-    )
-    limits = "".join(f"<li>{escape(text)}</li>" for text in analyzer.limits)
-    limits_block = f"<p>Limits:</p><ul>{limits}</ul>" if limits else ""
-    return f'<div class="meaning"><p>Source: {escape(analyzer.reference)}.</p><ul>{items}</ul>{limits_block}</div>'
-
-
-def _metrics_table(metrics: dict[str, Any]) -> str:
-    rows = [[f"<td>{escape(name)}</td>", _num(value)] for name, value in metrics.items()]
-    return _table(["metric", "value"], rows)
 
 
 def _sharpness_section(report: Report, analyzer_id: str) -> str:
@@ -360,4 +326,5 @@ def _provenance_section(report: Report) -> str:
 SECTION_RENDERERS: dict[str, Callable[[Report, str], str]] = {
     "sharpness": _sharpness_section,
     "hessian-trace": _hessian_trace_section,
+    "gradient-coherence": coherence_section,
 }

@@ -64,6 +64,7 @@ def trajectory_plot(
     ylabel: str,
     title: str,
     xlabel: str = "training step",
+    log_y: bool = False,
 ) -> str:
     """Plot a metric over checkpoints with its threshold line (the edge-of-stability picture)."""
     figure, axes = plt.subplots(figsize=FIGURE_SIZE)
@@ -73,6 +74,8 @@ def trajectory_plot(
     limits = [(s, t) for s, t in zip(steps, thresholds) if t is not None]
     if limits:
         axes.plot(*zip(*limits), "--", color="#b22222", label="threshold")
+    if log_y and points and all(v > 0 for _, v in points):
+        axes.set_yscale("log")
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.set_title(title)

@@ -1,0 +1,290 @@
+r"""Gradient coherence: how much the per-example gradients agree, overall, per class and per layer.
+
+Chatterjee & Zielinski ("On the Generalization Mystery in Deep Learning", 2022) measure the
+agreement of m per-example gradients :math:`g_i` by
+
+.. math::
+
+    \alpha = \frac{\lVert \frac{1}{m} \sum_i g_i \rVert^2}{\frac{1}{m} \sum_i \lVert g_i \rVert^2},
+    \qquad m\alpha = \frac{\lVert \sum_i g_i \rVert^2}{\sum_i \lVert g_i \rVert^2},
+
+so :math:`m\alpha` is 1 for pairwise orthogonal gradients and m for identical ones. Real labels
+give much higher coherence than random labels early in training, which they offer as the reason
+networks generalize. The gradient signal-to-noise ratio of parameter j, :math:`\bar g_j^2 /
+\mathrm{Var}_i(g_{ij})` (Liu et al. 2020, "Understanding Why Neural Networks Generalize Well
+Through GSNR of Parameters"), is averaged over the parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+import torch
+
+from stabcheck.analyzers.base import (
+    AnalysisContext,
+    Analyzer,
+    AnalyzerResult,
+    finite_or_none,
+)
+from stabcheck.analyzers.opposing_signals import OpposingPair, find_opposing_pairs
+from stabcheck.engine.hvp import module_blocks
+from stabcheck.engine.memory import MemoryBudgetExceeded, default_budget, format_bytes
+from stabcheck.engine.per_example import (
+    CoupledExamplesError,
+    GradientPlan,
+    GradientSums,
+    estimate_memory,
+    gradient_gram,
+    gradient_sums,
+    gram_bytes_per_example,
+    make_plan,
+)
+
+# A parameter whose gradient variance is below this share of its mean squared gradient has a
+# constant gradient over the examples, so its GSNR is undefined and it is left out of the mean.
+CONSTANT_GRADIENT_SHARE = 1e-12
+# Indices listed per group in the JSON report; the group's size is always exact.
+MAX_LISTED_INDICES = 200
+
+
+class GradientCoherenceAnalyzer(Analyzer):
+    id = "gradient-coherence"
+    title = "Gradient coherence"
+    cost = "cheap"
+    reference = (
+        "Chatterjee & Zielinski 2022, On the Generalization Mystery in Deep Learning; Liu et al. 2020, "
+        "Understanding Why Neural Networks Generalize Well Through GSNR of Parameters; Rosenfeld & "
+        "Risteski 2023, Outliers with Opposing Signals Have an Outsized Effect on Neural Network Optimization"
+    )
+    metric_names = ("alpha", "m_coherence", "num_examples", "per_class", "gsnr")
+    structured_metrics = ("per_class",)
+    interpretation = {
+        "alpha": (
+            "|mean gradient|^2 over the mean squared per-example gradient norm: 1 when every example "
+            "pulls the same way, about 1/m when their gradients are orthogonal."
+        ),
+        "m_coherence": (
+            "m * alpha: 1 for orthogonal gradients, m for identical ones. Real labels give clearly "
+            "higher values than random labels early in training (Chatterjee & Zielinski); values near "
+            "or below 1 mean the examples no longer share a direction, as when a network memorizes."
+        ),
+        "num_examples": "m, the number of per-example gradients; compare coherence only at equal m.",
+        "per_class": "alpha and m_coherence within each class: a class far below the rest is learned by memorizing.",
+        "gsnr": (
+            "Mean over parameters of the gradient signal-to-noise ratio, mean gradient^2 over its variance "
+            "across examples (Liu et al 2020). Higher values went with better generalization in their experiments."
+        ),
+    }
+    limits = (
+        "Gradients are of the per-example loss only: coupled weight decay adds the same vector to "
+        "every example and is left out.",
+        "Coherence is exact for the analysis set; it changes with m, so compare runs at the same --max-samples.",
+        "The model runs in eval mode, so BatchNorm uses running statistics and dropout is off; "
+        "per-example gradients are undefined with batch statistics.",
+        (
+            "Opposing groups are searched only among the examples whose squared gradient norm is above "
+            "the mean, at most --opposing-candidates of them, largest first."
+        ),
+    )
+
+    def skip_reason(self, context: AnalysisContext) -> str | None:
+        if context.objective.couples_examples:
+            return (
+                "per-example gradients are undefined when BatchNorm uses batch statistics, because "
+                "each example's output then depends on the rest of its batch; use --model-mode eval"
+            )
+        return None
+
+    def run(self, context: AnalysisContext) -> AnalyzerResult:
+        settings = context.estimator
+        objective = context.objective
+        budget = settings.memory_budget or default_budget(objective.device)
+        labels = context.data.labels
+        try:
+            plan = make_plan(objective, settings.per_example_method)
+            sums = gradient_sums(
+                objective,
+                groups=None if labels is None else labels,
+                method=settings.per_example_method,
+                memory_budget=budget,
+                plan=plan,
+            )
+        except (MemoryBudgetExceeded, CoupledExamplesError) as error:
+            return AnalyzerResult.skipped(str(error))
+
+        notes = list(sums.notes)
+        total_sq = float(sums.sq_norms.sum())
+        sum_sq = float(sums.sum_gradient.pow(2).sum())
+        m = sums.num_examples
+        if total_sq > 0:
+            alpha, m_coherence = sum_sq / (m * total_sq), sum_sq / total_sq
+        else:
+            alpha = m_coherence = None
+            notes.append("every per-example gradient is zero, so alpha and m_coherence are undefined")
+
+        ratios = _gsnr_per_parameter(sums.sum_gradient, sums.sum_squares, m)
+        gsnr = _mean_gsnr(ratios)
+        constant = int(torch.isnan(ratios).sum())
+        if constant:
+            notes.append(
+                f"{constant} of {objective.dim} parameters have the same gradient for every example "
+                "(or none), so their GSNR is undefined and gsnr averages over the rest"
+            )
+        per_class = _per_class(sums, labels, notes)
+        if labels is None:
+            notes.append("the targets are not class labels, so per_class is null")
+
+        diagnostics: dict[str, Any] = {
+            "mean_gradient_norm": finite_or_none(math.sqrt(sum_sq) / m),
+            "mean_sq_gradient_norm": finite_or_none(total_sq / m),
+            "per_example_methods": dict(Counter(sums.methods.values())),
+            "chunk_size": sums.chunk_size,
+            "num_chunks": sums.num_chunks,
+            # The default budget follows the free memory, which changes between runs, so only a
+            # budget the user set is recorded as a number.
+            "memory_budget_bytes": settings.memory_budget,
+            "bytes_per_example": sums.bytes_per_example,
+            "dtype": str(objective.dtype).removeprefix("torch."),
+            "per_layer": _per_layer(sums, objective.layout, ratios),
+        }
+        diagnostics["opposing_signals"] = _opposing_signals(context, plan, sums, budget, notes)
+        metrics = {
+            "alpha": finite_or_none(alpha),
+            "m_coherence": finite_or_none(m_coherence),
+            "num_examples": m,
+            "per_class": per_class,
+            "gsnr": finite_or_none(gsnr),
+        }
+        return AnalyzerResult(status="ok", metrics=metrics, diagnostics=diagnostics, notes=tuple(notes))
+
+
+def _gsnr_per_parameter(sum_gradient: torch.Tensor, sum_squares: torch.Tensor, count: int) -> torch.Tensor:
+    """Return each parameter's GSNR, NaN where its gradient is the same for every example."""
+    mean = sum_gradient / count
+    second_moment = sum_squares / count
+    variance = second_moment - mean * mean
+    varying = variance > CONSTANT_GRADIENT_SHARE * second_moment
+    return torch.where(varying, mean * mean / torch.where(varying, variance, 1.0), float("nan"))
+
+
+def _mean_gsnr(ratios: torch.Tensor) -> float | None:
+    valid = ~torch.isnan(ratios)
+    return float(ratios[valid].mean()) if bool(valid.any()) else None
+
+
+def _per_class(sums: GradientSums, labels: torch.Tensor | None, notes: list[str]) -> dict[str, Any] | None:
+    if labels is None:
+        return None
+    labels = labels.cpu()
+    sq_norms = sums.sq_norms.cpu()
+    table: dict[str, Any] = {}
+    single = []
+    for label in sorted(sums.group_sq_norm_of_sum):
+        members = labels == label
+        count = int(members.sum())
+        total_sq = float(sq_norms[members].sum())
+        sum_sq = sums.group_sq_norm_of_sum[label]
+        if count == 1:
+            single.append(str(label))
+        table[str(label)] = {
+            "num_examples": count,
+            "alpha": finite_or_none(sum_sq / (count * total_sq)) if total_sq > 0 else None,
+            "m_coherence": finite_or_none(sum_sq / total_sq) if total_sq > 0 else None,
+        }
+    if single:
+        notes.append(
+            f"class(es) {', '.join(single)} have one example in the analysis set, so their alpha is 1 "
+            "by definition; raise --max-samples"
+        )
+    return table
+
+
+def _per_layer(sums: GradientSums, layout: Any, ratios: torch.Tensor) -> list[dict[str, Any]]:
+    rows = []
+    count = sums.num_examples
+    for block, names in module_blocks(layout.names).items():
+        pieces = [layout.slice(name) for name in names]
+        block_sum = torch.cat([sums.sum_gradient[piece] for piece in pieces])
+        total_sq = float(sums.block_sq_norms[block].sum())
+        sum_sq = float(block_sum.pow(2).sum())
+        gsnr = _mean_gsnr(torch.cat([ratios[piece] for piece in pieces]))
+        rows.append(
+            {
+                "block": block,
+                "num_parameters": int(block_sum.numel()),
+                "alpha": finite_or_none(sum_sq / (count * total_sq)) if total_sq > 0 else None,
+                "m_coherence": finite_or_none(sum_sq / total_sq) if total_sq > 0 else None,
+                "gsnr": finite_or_none(gsnr),
+                "mean_sq_gradient_norm": finite_or_none(total_sq / count),
+            }
+        )
+    return rows
+
+
+def _opposing_signals(
+    context: AnalysisContext, plan: GradientPlan, sums: GradientSums, budget: int, notes: list[str]
+) -> dict[str, Any]:
+    settings = context.estimator
+    objective = context.objective
+    if settings.opposing_groups == 0:
+        return {"num_candidates": 0, "pairs": []}
+    sq_norms = sums.sq_norms.cpu()
+    # Opposing signals are outliers: only examples with an above-average squared norm qualify.
+    above_mean = int((sq_norms > 0).logical_and(sq_norms >= sq_norms.mean()).sum())
+    wanted = min(settings.opposing_candidates, above_mean)
+    _, fixed = estimate_memory(objective, plan)
+    fits = max(0, int((budget - fixed) // max(gram_bytes_per_example(objective, plan), 1)))
+    count = min(wanted, fits)
+    if count < wanted:
+        notes.append(
+            f"the opposing-signal search used the top {count} examples by gradient norm, not "
+            f"{wanted}, to stay within the memory budget of {format_bytes(budget)}"
+        )
+    result: dict[str, Any] = {"num_candidates": count, "pairs": []}
+    if count < 4:
+        return result
+    candidates = torch.argsort(sq_norms, descending=True, stable=True)[:count]
+    gram = gradient_gram(objective, candidates.to(objective.device), plan, sums)
+    total_sq = float(sq_norms.sum())
+    result["candidate_share_of_sq_norm"] = finite_or_none(float(sq_norms[candidates].sum()) / total_sq)
+    labels = context.data.labels
+    for rank, pair in enumerate(find_opposing_pairs(gram, settings.opposing_groups), start=1):
+        result["pairs"].append(_pair_json(rank, pair, candidates, sq_norms, total_sq, labels))
+    return result
+
+
+def _pair_json(
+    rank: int,
+    pair: OpposingPair,
+    candidates: torch.Tensor,
+    sq_norms: torch.Tensor,
+    total_sq: float,
+    labels: torch.Tensor | None,
+) -> dict[str, Any]:
+    groups = []
+    shares = 0.0
+    for rows, within in ((pair.first, pair.first_within_cosine), (pair.second, pair.second_within_cosine)):
+        indices = candidates[rows.cpu()]
+        norms = sq_norms[indices].sqrt()
+        shares += float(sq_norms[indices].sum())
+        order = torch.argsort(norms, descending=True, stable=True)
+        listed = indices[order][:MAX_LISTED_INDICES]
+        group: dict[str, Any] = {
+            "size": len(rows),
+            "indices": [int(i) for i in listed],
+            "mean_gradient_norm": finite_or_none(float(norms.mean())),
+            "within_cosine": finite_or_none(within),
+        }
+        if labels is not None:
+            counts = Counter(int(label) for label in labels.cpu()[indices])
+            group["classes"] = {str(label): n for label, n in sorted(counts.items())}
+        groups.append(group)
+    return {
+        "rank": rank,
+        "cosine": finite_or_none(pair.cosine),
+        "share_of_sq_norm": finite_or_none(shares / total_sq) if total_sq > 0 else None,
+        "groups": groups,
+    }

@@ -1,0 +1,138 @@
+"""The gradient-coherence section of the HTML report: coherence over checkpoints, per class,
+per layer, and the groups of examples with opposing gradients."""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+
+from stabcheck.analyzers.registry import ANALYZERS
+from stabcheck.report import plots
+from stabcheck.report.html_parts import (
+    badge,
+    cell,
+    interpretation,
+    metrics_table,
+    notes_list,
+    number_cell,
+    table,
+)
+from stabcheck.report.model import Report
+from stabcheck.report.terminal import checkpoint_label
+
+# Example indices shown per group in the HTML table; the JSON report lists more.
+SHOWN_INDICES = 20
+
+
+def coherence_section(report: Report, analyzer_id: str) -> str:
+    analyzer = ANALYZERS[analyzer_id]
+    parts = [f"<section><h2>{escape(analyzer.title)} <small>({escape(analyzer_id)})</small></h2>", interpretation(analyzer_id)]
+    entries = [(e["checkpoint"], e["analyzers"][analyzer_id]) for e in report.results if analyzer_id in e["analyzers"]]
+    if len(entries) > 1:
+        has_steps = all(report.checkpoints[index].get("step") is not None for index, _ in entries)
+        steps = [report.checkpoints[index]["step"] if has_steps else index for index, _ in entries]
+        uri = plots.trajectory_plot(
+            steps,
+            [result["metrics"].get("m_coherence") for _, result in entries],
+            [None] * len(entries),
+            ylabel="m_coherence",
+            title="Gradient coherence over checkpoints (1 = orthogonal gradients)",
+            xlabel="training step" if has_steps else "checkpoint",
+            log_y=True,
+        )
+        parts.append(f'<img alt="m_coherence over checkpoints" src="{uri}">')
+    for index, result in entries:
+        label = checkpoint_label(report.checkpoints[index], index)
+        parts.append(f"<h3>{escape(label)} {badge(result['status'])}</h3>")
+        metrics = result["metrics"]
+        if metrics:
+            parts.append(metrics_table({k: v for k, v in metrics.items() if k != "per_class"}))
+        parts.append(_per_class(metrics.get("per_class"), label))
+        parts.append(_per_layer(result["diagnostics"].get("per_layer"), label))
+        parts.append(_opposing(result["diagnostics"].get("opposing_signals")))
+        parts.append(notes_list(result["notes"]))
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _per_class(per_class: dict[str, Any] | None, label: str) -> str:
+    if not per_class:
+        return ""
+    rows = [
+        [cell(name), number_cell(item["num_examples"]), number_cell(item["alpha"]), number_cell(item["m_coherence"])]
+        for name, item in per_class.items()
+    ]
+    counts = [item["num_examples"] for item in per_class.values()]
+    imbalance = f"<p>Class sizes range from {min(counts)} to {max(counts)} examples.</p>"
+    uri = plots.per_layer_plot(
+        list(per_class), [item["m_coherence"] for item in per_class.values()],
+        ylabel="m_coherence within the class", title=f"Coherence per class, {label}",
+    )
+    return (
+        "<h4>Per class</h4>" + imbalance + table(["class", "examples", "alpha", "m_coherence"], rows)
+        + f'<img alt="m_coherence per class" src="{uri}">'
+    )
+
+
+def _per_layer(per_layer: list[dict[str, Any]] | None, label: str) -> str:
+    if not per_layer:
+        return ""
+    rows = [
+        [
+            cell(row["block"]),
+            number_cell(row["num_parameters"]),
+            number_cell(row["alpha"]),
+            number_cell(row["m_coherence"]),
+            number_cell(row["gsnr"]),
+            number_cell(row["mean_sq_gradient_norm"]),
+        ]
+        for row in per_layer
+    ]
+    uri = plots.per_layer_plot(
+        [row["block"] for row in per_layer], [row["m_coherence"] for row in per_layer],
+        ylabel="m_coherence of the module", title=f"Coherence per module, {label}",
+    )
+    headers = ["module", "parameters", "alpha", "m_coherence", "gsnr", "mean |g_i|^2"]
+    return "<h4>Per module</h4>" + table(headers, rows) + f'<img alt="m_coherence per module" src="{uri}">'
+
+
+def _opposing(opposing: dict[str, Any] | None) -> str:
+    if not opposing:
+        return ""
+    heading = "<h4>Opposing signals</h4>"
+    searched = opposing.get("num_candidates", 0)
+    if not opposing.get("pairs"):
+        if searched == 0:
+            return heading + "<p>The search for opposing groups did not run.</p>"
+        return heading + (
+            f"<p>No pair of groups with opposing gradients among the {searched} examples with the "
+            "largest gradient norms (above the mean).</p>"
+        )
+    share = opposing.get("candidate_share_of_sq_norm")
+    intro = (
+        f"<p>Searched the {searched} examples with the largest gradient norms"
+        + (f", which carry {share:.1%} of the summed squared gradient norm" if share is not None else "")
+        + ". Each pair is two groups whose summed gradients point in opposite directions (cosine "
+        "below zero); indices are positions in the analysis set, largest gradient first.</p>"
+    )
+    rows = []
+    for pair in opposing["pairs"]:
+        for side, group in zip(("A", "B"), pair["groups"]):
+            shown = ", ".join(str(i) for i in group["indices"][:SHOWN_INDICES])
+            if group["size"] > SHOWN_INDICES:
+                shown += f", ... ({group['size'] - SHOWN_INDICES} more)"
+            classes = ", ".join(f"{name}: {count}" for name, count in (group.get("classes") or {}).items())
+            rows.append(
+                [
+                    cell(f"{pair['rank']}{side}"),
+                    number_cell(pair["cosine"]) if side == "A" else cell(""),
+                    number_cell(pair["share_of_sq_norm"]) if side == "A" else cell(""),
+                    number_cell(group["size"]),
+                    number_cell(group["mean_gradient_norm"]),
+                    number_cell(group["within_cosine"]),
+                    cell(classes),
+                    f"<td><code>{escape(shown)}</code></td>",
+                ]
+            )
+    headers = ["group", "cosine A vs B", "share of sum |g_i|^2", "size", "mean |g_i|", "mean cosine within", "classes", "example indices"]
+    return heading + intro + f'<div class="wide">{table(headers, rows)}</div>'
