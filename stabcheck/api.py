@@ -27,6 +27,7 @@ from stabcheck.analyzers.base import (
 )
 from stabcheck.analyzers.registry import resolve_analyzers
 from stabcheck.engine.hvp import HVP_METHODS
+from stabcheck.engine.memory import default_budget
 from stabcheck.engine.objective import (
     MODEL_MODES,
     Objective,
@@ -123,6 +124,7 @@ def analyze(
     loss_fn = builtin_loss(loss) if isinstance(loss, str) else loss
 
     analysis_set = materialize(data, max_samples=max_samples, spec=provenance.get("data_spec", "data"))
+    memory_budget = estimator.memory_budget or default_budget(torch.device(device))
     run_notes: list[str] = []
     ordered = _order_checkpoints(expand_checkpoint_paths(checkpoints), trust_checkpoint, weight_set, run_notes)
 
@@ -153,7 +155,7 @@ def analyze(
         results.append(
             {
                 "checkpoint": index,
-                "analyzers": _run_analyzers(chosen, analyzed_model, analysis_set, settings, estimator, seed, device, dtype, model_mode, loss_fn, progress),
+                "analyzers": _run_analyzers(chosen, analyzed_model, analysis_set, settings, estimator, seed, device, dtype, model_mode, loss_fn, progress, memory_budget),
             }
         )
 
@@ -172,6 +174,8 @@ def analyze(
             "python_version": platform.python_version(),
             "host": socket.gethostname(),
             "platform": platform.platform(),
+            "memory_budget_bytes": memory_budget,
+            "memory_budget_source": "option" if estimator.memory_budget else "half of the free memory",
         },
         checkpoints=checkpoint_entries,
         model={
@@ -317,6 +321,7 @@ def _run_analyzers(
     model_mode: str,
     loss_fn: PerExampleLoss,
     progress: ProgressFactory,
+    memory_budget: int,
 ) -> dict[str, dict[str, Any]]:
     objective = Objective(
         model,
@@ -336,6 +341,7 @@ def _run_analyzers(
         estimator=estimator,
         seed=seed,
         progress=progress,
+        memory_budget=memory_budget,
     )
     outcome: dict[str, dict[str, Any]] = {}
     try:

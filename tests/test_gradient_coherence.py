@@ -127,7 +127,10 @@ def test_aligned_gradients_have_no_opposing_pair():
 def test_opposing_search_can_be_turned_off():
     model, inputs, targets = opposing_problem()
     result = coherence(model, inputs, targets, opposing_groups=0)
-    assert result["diagnostics"]["opposing_signals"] == {"num_candidates": 0, "pairs": []}
+    opposing = result["diagnostics"]["opposing_signals"]
+    assert opposing["num_candidates"] == 0
+    assert opposing["pairs"] == []
+    assert "--opposing-groups 0" in opposing["skipped"]
 
 
 def test_tiny_memory_budget_skips_with_estimate():
@@ -158,3 +161,26 @@ def test_true_labels_are_more_coherent_than_shuffled():
     assert len(true_labels) == len(shuffled) == 3
     for real, random in zip(true_labels, shuffled):
         assert real > 2 * random
+
+
+def test_opposing_pair_found_beside_common_direction():
+    """Planted opposite groups among many examples that share one dominant direction."""
+    generator = torch.Generator().manual_seed(5)
+    dim = 30
+    common = torch.zeros(dim, dtype=torch.float64)
+    common[0] = 1.0
+    signal = torch.zeros(dim, dtype=torch.float64)
+    signal[1] = 1.0
+
+    def noisy(center, count, scale):
+        return center + scale * torch.randn(count, dim, generator=generator, dtype=torch.float64)
+
+    background = noisy(2.0 * common, 60, 0.6)
+    pulls_up = noisy(0.3 * common + signal, 10, 0.1)
+    pulls_down = noisy(0.3 * common - signal, 8, 0.1)
+    gradients = torch.cat([background, pulls_up, pulls_down])
+    pairs = find_opposing_pairs(gradients @ gradients.T, max_pairs=3)
+    assert len(pairs) >= 1
+    found = {tuple(sorted(pairs[0].first.tolist())), tuple(sorted(pairs[0].second.tolist()))}
+    assert found == {tuple(range(60, 70)), tuple(range(70, 78))}
+    assert pairs[0].cosine < -0.5

@@ -214,3 +214,31 @@ def test_parse_size(text, expected):
 def test_parse_size_rejects_invalid(text):
     with pytest.raises(ValueError):
         parse_size(text)
+
+
+class TiedLanguageModel(nn.Module):
+    """Token embedding tied to the output layer, as in language models."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(7, 4)
+        self.mix = nn.Linear(4, 4)
+        self.output = nn.Linear(4, 7, bias=False)
+        self.output.weight = self.embedding.weight
+
+    def forward(self, tokens):
+        hidden = torch.tanh(self.mix(self.embedding(tokens))).mean(dim=1)
+        return self.output(hidden)
+
+
+def test_tied_embedding_and_output_match_loop():
+    torch.manual_seed(0)
+    model = TiedLanguageModel().double()
+    tokens = torch.randint(0, 7, (11, 5))
+    targets = torch.randint(0, 7, (11,))
+    objective = Objective(model, tokens, targets, builtin_loss("cross_entropy"), dtype=torch.float64)
+    sums = gradient_sums(objective, groups=targets)
+    assert sums.methods["embedding.weight"] == "vmap"
+    assert sums.methods["mix.weight"] == "layer"
+    assert "output.weight" not in sums.methods
+    assert_sums_match(sums, loop_reference(objective), targets, 1e-10)

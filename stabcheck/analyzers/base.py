@@ -86,6 +86,8 @@ class AnalysisContext:
     estimator: EstimatorSettings
     seed: int
     progress: ProgressFactory = lambda label: None
+    # Bytes an analyzer may allocate for its own statistics; None takes half the free memory.
+    memory_budget: int | None = None
     _hessian: HessianOperator | None = None
 
     def hessian(self) -> HessianOperator:

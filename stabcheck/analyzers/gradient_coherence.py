@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,7 +30,11 @@ from stabcheck.analyzers.base import (
     AnalyzerResult,
     finite_or_none,
 )
-from stabcheck.analyzers.opposing_signals import OpposingPair, find_opposing_pairs
+from stabcheck.analyzers.opposing_signals import (
+    MIN_GROUP_SIZE,
+    OpposingPair,
+    find_opposing_pairs,
+)
 from stabcheck.engine.hvp import module_blocks
 from stabcheck.engine.memory import MemoryBudgetExceeded, default_budget, format_bytes
 from stabcheck.engine.per_example import (
@@ -46,6 +51,8 @@ from stabcheck.engine.per_example import (
 # A parameter whose gradient variance is below this share of its mean squared gradient has a
 # constant gradient over the examples, so its GSNR is undefined and it is left out of the mean.
 CONSTANT_GRADIENT_SHARE = 1e-12
+# Fewest candidates the opposing-signal search runs on: two groups of MIN_GROUP_SIZE.
+MIN_CANDIDATES = 2 * MIN_GROUP_SIZE
 # Indices listed per group in the JSON report; the group's size is always exact.
 MAX_LISTED_INDICES = 200
 
@@ -67,9 +74,10 @@ class GradientCoherenceAnalyzer(Analyzer):
             "pulls the same way, about 1/m when their gradients are orthogonal."
         ),
         "m_coherence": (
-            "m * alpha: 1 for orthogonal gradients, m for identical ones. Real labels give clearly "
-            "higher values than random labels early in training (Chatterjee & Zielinski); values near "
-            "or below 1 mean the examples no longer share a direction, as when a network memorizes."
+            "m * alpha: 1 for orthogonal gradients, m for identical ones, below 1 when they cancel on "
+            "average (the sum of g_i . g_j over pairs is negative). Real labels give clearly higher "
+            "values than random labels early in training (Chatterjee & Zielinski); values near or "
+            "below 1 mean the examples no longer share a direction, as when a network memorizes."
         ),
         "num_examples": "m, the number of per-example gradients; compare coherence only at equal m.",
         "per_class": "alpha and m_coherence within each class: a class far below the rest is learned by memorizing.",
@@ -101,7 +109,7 @@ class GradientCoherenceAnalyzer(Analyzer):
     def run(self, context: AnalysisContext) -> AnalyzerResult:
         settings = context.estimator
         objective = context.objective
-        budget = settings.memory_budget or default_budget(objective.device)
+        budget = context.memory_budget or settings.memory_budget or default_budget(objective.device)
         labels = context.data.labels
         try:
             plan = make_plan(objective, settings.per_example_method)
@@ -117,7 +125,7 @@ class GradientCoherenceAnalyzer(Analyzer):
 
         notes = list(sums.notes)
         total_sq = float(sums.sq_norms.sum())
-        sum_sq = float(sums.sum_gradient.pow(2).sum())
+        sum_sq = float(torch.dot(sums.sum_gradient, sums.sum_gradient))
         m = sums.num_examples
         if total_sq > 0:
             alpha, m_coherence = sum_sq / (m * total_sq), sum_sq / total_sq
@@ -125,9 +133,9 @@ class GradientCoherenceAnalyzer(Analyzer):
             alpha = m_coherence = None
             notes.append("every per-example gradient is zero, so alpha and m_coherence are undefined")
 
-        ratios = _gsnr_per_parameter(sums.sum_gradient, sums.sum_squares, m)
-        gsnr = _mean_gsnr(ratios)
-        constant = int(torch.isnan(ratios).sum())
+        gsnr_parts = _gsnr_parts(sums.sum_gradient, sums.sum_squares, m, objective.layout)
+        gsnr = gsnr_parts.mean(objective.layout.names)
+        constant = objective.dim - sum(gsnr_parts.counts.values())
         if constant:
             notes.append(
                 f"{constant} of {objective.dim} parameters have the same gradient for every example "
@@ -148,7 +156,7 @@ class GradientCoherenceAnalyzer(Analyzer):
             "memory_budget_bytes": settings.memory_budget,
             "bytes_per_example": sums.bytes_per_example,
             "dtype": str(objective.dtype).removeprefix("torch."),
-            "per_layer": _per_layer(sums, objective.layout, ratios),
+            "per_layer": _per_layer(sums, objective.layout, gsnr_parts, context.model),
         }
         diagnostics["opposing_signals"] = _opposing_signals(context, plan, sums, budget, notes)
         metrics = {
@@ -161,18 +169,35 @@ class GradientCoherenceAnalyzer(Analyzer):
         return AnalyzerResult(status="ok", metrics=metrics, diagnostics=diagnostics, notes=tuple(notes))
 
 
-def _gsnr_per_parameter(sum_gradient: torch.Tensor, sum_squares: torch.Tensor, count: int) -> torch.Tensor:
-    """Return each parameter's GSNR, NaN where its gradient is the same for every example."""
-    mean = sum_gradient / count
-    second_moment = sum_squares / count
-    variance = second_moment - mean * mean
-    varying = variance > CONSTANT_GRADIENT_SHARE * second_moment
-    return torch.where(varying, mean * mean / torch.where(varying, variance, 1.0), float("nan"))
+@dataclass(frozen=True)
+class _GsnrParts:
+    """Per-parameter GSNR summed over each parameter tensor, with the count of defined values."""
+
+    totals: dict[str, float]
+    counts: dict[str, int]
+
+    def mean(self, names: list[str] | tuple[str, ...]) -> float | None:
+        count = sum(self.counts[name] for name in names)
+        return sum(self.totals[name] for name in names) / count if count else None
 
 
-def _mean_gsnr(ratios: torch.Tensor) -> float | None:
-    valid = ~torch.isnan(ratios)
-    return float(ratios[valid].mean()) if bool(valid.any()) else None
+def _gsnr_parts(sum_gradient: torch.Tensor, sum_squares: torch.Tensor, count: int, layout: Any) -> _GsnrParts:
+    """Compute each parameter's GSNR, mean^2 / variance over the examples, summed per tensor.
+
+    A parameter whose gradient is the same for every example (variance below
+    CONSTANT_GRADIENT_SHARE of its mean square) has no GSNR and is not counted.
+    """
+    # In-place steps keep the number of full-length temporaries low on large models.
+    mean_sq = (sum_gradient / count).square_()
+    variance = (sum_squares / count).sub_(mean_sq)
+    varying = variance > CONSTANT_GRADIENT_SHARE * (variance + mean_sq)
+    ratios = mean_sq.div_(variance.masked_fill_(~varying, 1.0)).masked_fill_(~varying, 0.0)
+    totals, counts = {}, {}
+    for name in layout.names:
+        piece = layout.slice(name)
+        totals[name] = float(ratios[piece].sum())
+        counts[name] = int(varying[piece].sum())
+    return _GsnrParts(totals, counts)
 
 
 def _per_class(sums: GradientSums, labels: torch.Tensor | None, notes: list[str]) -> dict[str, Any] | None:
@@ -202,19 +227,20 @@ def _per_class(sums: GradientSums, labels: torch.Tensor | None, notes: list[str]
     return table
 
 
-def _per_layer(sums: GradientSums, layout: Any, ratios: torch.Tensor) -> list[dict[str, Any]]:
+def _per_layer(sums: GradientSums, layout: Any, gsnr_parts: _GsnrParts, model: torch.nn.Module) -> list[dict[str, Any]]:
     rows = []
     count = sums.num_examples
+    module_types = {name or "(root)": type(module).__name__ for name, module in model.named_modules()}
     for block, names in module_blocks(layout.names).items():
-        pieces = [layout.slice(name) for name in names]
-        block_sum = torch.cat([sums.sum_gradient[piece] for piece in pieces])
+        pieces = [sums.sum_gradient[layout.slice(name)] for name in names]
+        sum_sq = float(sum(torch.dot(piece, piece) for piece in pieces))
         total_sq = float(sums.block_sq_norms[block].sum())
-        sum_sq = float(block_sum.pow(2).sum())
-        gsnr = _mean_gsnr(torch.cat([ratios[piece] for piece in pieces]))
+        gsnr = gsnr_parts.mean(names)
         rows.append(
             {
                 "block": block,
-                "num_parameters": int(block_sum.numel()),
+                "module_type": module_types.get(block),
+                "num_parameters": sum(piece.numel() for piece in pieces),
                 "alpha": finite_or_none(sum_sq / (count * total_sq)) if total_sq > 0 else None,
                 "m_coherence": finite_or_none(sum_sq / total_sq) if total_sq > 0 else None,
                 "gsnr": finite_or_none(gsnr),
@@ -230,22 +256,32 @@ def _opposing_signals(
     settings = context.estimator
     objective = context.objective
     if settings.opposing_groups == 0:
-        return {"num_candidates": 0, "pairs": []}
+        return {"num_candidates": 0, "pairs": [], "skipped": "the search for opposing groups was turned off (--opposing-groups 0)"}
     sq_norms = sums.sq_norms.cpu()
     # Opposing signals are outliers: only examples with an above-average squared norm qualify.
     above_mean = int((sq_norms > 0).logical_and(sq_norms >= sq_norms.mean()).sum())
     wanted = min(settings.opposing_candidates, above_mean)
-    _, fixed = estimate_memory(objective, plan)
-    fits = max(0, int((budget - fixed) // max(gram_bytes_per_example(objective, plan), 1)))
+    if sums.single_chunk is not None:
+        fits = wanted  # the Gram matrix comes from the chunk already in memory
+    else:
+        _, fixed = estimate_memory(objective, plan)
+        fits = max(0, int((budget - fixed) // max(gram_bytes_per_example(objective, plan), 1)))
     count = min(wanted, fits)
+    result: dict[str, Any] = {"num_candidates": count, "pairs": []}
+    if count < MIN_CANDIDATES:
+        result["num_candidates"] = 0
+        result["skipped"] = (
+            f"the search for opposing groups did not run: it needs {MIN_CANDIDATES} candidates, and "
+            f"{wanted} example(s) have an above-average gradient norm, of which {count} fit in the "
+            f"memory budget of {format_bytes(budget)}"
+        )
+        notes.append(result["skipped"])
+        return result
     if count < wanted:
         notes.append(
             f"the opposing-signal search used the top {count} examples by gradient norm, not "
             f"{wanted}, to stay within the memory budget of {format_bytes(budget)}"
         )
-    result: dict[str, Any] = {"num_candidates": count, "pairs": []}
-    if count < 4:
-        return result
     candidates = torch.argsort(sq_norms, descending=True, stable=True)[:count]
     gram = gradient_gram(objective, candidates.to(objective.device), plan, sums)
     total_sq = float(sq_norms.sum())

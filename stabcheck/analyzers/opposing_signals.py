@@ -6,28 +6,28 @@ pull the network in opposite directions, and their outsized effect on training. 
 finds such pairs among the examples with the largest gradient norms, from the Gram matrix of
 their gradients alone:
 
-1. Take the cosine matrix K of the candidates. For two groups with opposite gradients, K has a
-   leading eigenvector that is positive on one group and negative on the other.
-2. Split the candidates by the sign of one of K's top eigenvectors, then refine the split as in
-   spherical 2-means: an example joins the side whose mean direction it is closer to, if that
-   cosine is at least MEMBERSHIP_COSINE, and is left out otherwise.
-3. Keep the pair when both sides have MIN_GROUP_SIZE examples and the cosine between their
-   gradient sums is at most OPPOSITION_COSINE. Remove its examples and search again.
+1. Seed candidate splits from the most negative entries K_ij of the cosine matrix: the examples
+   aligned with i against those aligned with j. Members of two opposite groups give the most
+   negative entries, even when other structure (a direction that most gradients share)
+   dominates K. Seeding from the signs of K's top eigenvectors instead missed such pairs.
+2. Refine each split: an example joins the side whose members' gradients it is closer to on
+   average, if that mean cosine is at least MEMBERSHIP_COSINE, and is left out otherwise.
+3. Keep the splits where both sides have MIN_GROUP_SIZE examples and the cosine between their
+   gradient sums is at most OPPOSITION_COSINE. Report the one whose sums cancel most, that is
+   with the most negative inner product of the two sums, then remove its examples and search again.
 """
-
-from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-# An example joins a group when its gradient's cosine with the group's mean direction is at least this.
-MEMBERSHIP_COSINE = 0.25
+# An example joins a group when its gradient's mean cosine with the group's other members is at least this.
+MEMBERSHIP_COSINE = 0.5
 # A pair counts as opposing when the cosine between the two groups' gradient sums is at most this.
 OPPOSITION_COSINE = -0.25
 MIN_GROUP_SIZE = 2
-# Eigenvectors of the cosine matrix tried as seeds for each pair, largest eigenvalue first.
-SEED_EIGENVECTORS = 3
+# Most negative entries of the cosine matrix tried as seeds for each pair.
+SEED_NEGATIVE_PAIRS = 8
 REFINE_STEPS = 50
 
 
@@ -72,52 +72,86 @@ def _block(matrix: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> t
 
 def _best_pair(gram: torch.Tensor, cosine: torch.Tensor, remaining: torch.Tensor) -> OpposingPair | None:
     local = _block(cosine, remaining, remaining)
-    _, vectors = torch.linalg.eigh(local)
-    for column in range(1, min(SEED_EIGENVECTORS, len(remaining)) + 1):
-        seed = vectors[:, -column]
-        first_mask, second_mask = _refine(local, seed > 0, seed < 0)
+    seeds = _seeds(local)
+    if seeds is None:
+        return None
+    first_masks, second_masks = _refine(local, *seeds)
+    best: tuple[float, torch.Tensor, torch.Tensor, float] | None = None
+    for first_mask, second_mask in zip(first_masks, second_masks):
         first, second = remaining[first_mask], remaining[second_mask]
         if len(first) < MIN_GROUP_SIZE or len(second) < MIN_GROUP_SIZE:
             continue
         pair_cosine = _sum_cosine(gram, first, second)
         if pair_cosine > OPPOSITION_COSINE:
             continue
-        # The group with the larger summed squared gradient norm comes first.
-        if _block(gram, second, second).trace() > _block(gram, first, first).trace():
-            first, second = second, first
-        return OpposingPair(
-            first=first,
-            second=second,
-            cosine=pair_cosine,
-            first_within_cosine=_mean_within_cosine(cosine, first),
-            second_within_cosine=_mean_within_cosine(cosine, second),
-        )
-    return None
+        cancellation = -float(_block(gram, first, second).sum())
+        if best is None or cancellation > best[0]:
+            best = (cancellation, first, second, pair_cosine)
+    if best is None:
+        return None
+    _, first, second, pair_cosine = best
+    # The group with the larger summed squared gradient norm comes first.
+    if _block(gram, second, second).trace() > _block(gram, first, first).trace():
+        first, second = second, first
+    return OpposingPair(
+        first=first,
+        second=second,
+        cosine=pair_cosine,
+        first_within_cosine=_mean_within_cosine(cosine, first),
+        second_within_cosine=_mean_within_cosine(cosine, second),
+    )
+
+
+def _seeds(cosine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Return initial splits as two boolean masks per seed (rows), from the most negative
+    entries of the cosine matrix, or None when no entry is negative."""
+    size = cosine.shape[0]
+    first, second = [], []
+    upper = torch.triu(cosine, diagonal=1) + torch.tril(torch.full_like(cosine, float("inf")))
+    count = min(SEED_NEGATIVE_PAIRS, size * (size - 1) // 2)
+    for flat in torch.topk(upper.flatten(), count, largest=False).indices.tolist():
+        row, column = divmod(flat, size)
+        if cosine[row, column] >= 0:
+            break
+        toward_row, toward_column = cosine[row], cosine[column]
+        first.append((toward_row >= MEMBERSHIP_COSINE) & (toward_row > toward_column))
+        second.append((toward_column >= MEMBERSHIP_COSINE) & (toward_column > toward_row))
+    if not first:
+        return None
+    return torch.stack(first), torch.stack(second)
 
 
 def _refine(cosine: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Refine two boolean membership masks over the rows of a cosine matrix (spherical 2-means)."""
+    """Refine all seeds at once: each row of ``first`` and ``second`` is one split's masks.
+
+    Stops when no split changes or when the splits return to the state of two steps before,
+    since the reassignment can alternate between two states.
+    """
+    previous = None
     for _ in range(REFINE_STEPS):
-        if not (first.any() and second.any()):
-            break
         to_first = _alignment(cosine, first)
         to_second = _alignment(cosine, second)
         new_first = (to_first >= MEMBERSHIP_COSINE) & (to_first > to_second)
         new_second = (to_second >= MEMBERSHIP_COSINE) & (to_second > to_first)
         if torch.equal(new_first, first) and torch.equal(new_second, second):
             break
+        if previous is not None and torch.equal(new_first, previous[0]) and torch.equal(new_second, previous[1]):
+            break
+        previous = (first, second)
         first, second = new_first, new_second
     return first, second
 
 
-def _alignment(cosine: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """Return the cosine of each row's gradient with the sum of the group's unit gradients."""
-    indicator = group.to(cosine.dtype)
-    to_group = cosine @ indicator
-    within = indicator @ to_group
-    if within <= 0:
-        return torch.full_like(to_group, float("-inf"))
-    return to_group / within.sqrt()
+def _alignment(cosine: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Return each example's mean cosine with the other members of each group (one group per row).
+
+    The mean over members, unlike the cosine with the group's mean direction, does not grow as
+    a group absorbs examples that share only a common direction.
+    """
+    indicator = groups.to(cosine.dtype)
+    others = indicator.sum(dim=1, keepdim=True) - indicator
+    total = indicator @ cosine - indicator
+    return torch.where(others > 0, total / others.clamp(min=1.0), torch.full_like(total, float("-inf")))
 
 
 def _sum_cosine(gram: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> float:

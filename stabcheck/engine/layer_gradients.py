@@ -117,11 +117,18 @@ class LayerTerms:
         values = self.per_example[local]
         return (values * values).sum(0)
 
-    def segment_sum(self, local: str, start: int, stop: int) -> torch.Tensor:
-        if not self.materialized:
-            output_grad = self.output_grad[start:stop]
-            return output_grad.T @ self.inputs[start:stop] if local == "weight" else output_grad.sum(0)
-        return self.per_example[local][start:stop].sum(0)
+    def batch_sum_matches(self, local: str, batch_gradient: torch.Tensor, rtol: float) -> bool:
+        """Check the rule's sum over the chunk against autograd's batch gradient.
+
+        For a Linear weight the check compares both matrices times one random vector (seeded),
+        which needs two matrix-vector products instead of forming the sum.
+        """
+        if self.materialized or local != "weight":
+            total = self.per_example[local].sum(0) if self.materialized else self.output_grad.sum(0)
+            return close_within(total, batch_gradient, rtol)
+        generator = torch.Generator(device=self.inputs.device).manual_seed(0)
+        probe = torch.randn(self.inputs.shape[1], dtype=torch.float64, device=self.inputs.device, generator=generator)
+        return close_within(self.output_grad.T @ (self.inputs @ probe), batch_gradient @ probe, rtol)
 
     def segment_sums(self, local: str, segments: Segments) -> torch.Tensor:
         """Return the sums of the per-example gradients over each segment, stacked along dimension 0."""
@@ -135,6 +142,25 @@ class LayerTerms:
             return output_grad.transpose(1, 2) @ self.inputs[segments.rows]
         total = torch.zeros((segments.count, *values.shape[1:]), dtype=values.dtype, device=values.device)
         return total.index_add_(0, segments.segment_of, values)
+
+    def segment_sq_norms(self, local: str, segments: Segments) -> torch.Tensor:
+        """Return the squared norm of each segment's gradient sum.
+
+        For a Linear weight, |E_s^T A_s|_F^2 equals the sum of (E_s E_s^T) * (A_s A_s^T), which
+        costs n^2 (out + in) per segment of n rows instead of n * out * in, so the cheaper of the
+        two is used.
+        """
+        if self.materialized or local != "weight":
+            sums = self.segment_sums(local, segments)
+            return torch.linalg.vector_norm(sums.reshape(segments.count, -1), dim=1).square()
+        rows = segments.rows.shape[1]
+        fan_out, fan_in = self.output_grad.shape[1], self.inputs.shape[1]
+        if rows * (fan_out + fan_in) >= fan_out * fan_in:
+            sums = self.segment_sums(local, segments)
+            return torch.linalg.vector_norm(sums.reshape(segments.count, -1), dim=1).square()
+        output_grad = self.output_grad[segments.rows] * segments.mask.unsqueeze(-1)
+        inputs = self.inputs[segments.rows]
+        return ((output_grad @ output_grad.transpose(1, 2)) * (inputs @ inputs.transpose(1, 2))).sum(dim=(1, 2))
 
     def gram(self, local: str, rows: torch.Tensor) -> torch.Tensor:
         if not self.materialized:
@@ -175,3 +201,9 @@ def unfold(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
             stride=(1, module.stride[0]),
         )
     return F.unfold(inputs, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
+
+
+def close_within(value: torch.Tensor, reference: torch.Tensor, rtol: float) -> bool:
+    """Return whether every entry is within ``rtol`` times the largest reference entry."""
+    scale = float(reference.abs().max()) if reference.numel() else 0.0
+    return bool(((value - reference).abs() <= rtol * scale + 1e-300).all())

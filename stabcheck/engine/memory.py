@@ -23,7 +23,7 @@ class MemoryBudgetExceeded(Exception):
 
     def __init__(self, needed: int, budget: int, what: str) -> None:
         super().__init__(
-            f"{what} needs about {format_bytes(needed)}, more than the memory budget of "
+            f"{what} need about {format_bytes(needed)}, more than the memory budget of "
             f"{format_bytes(budget)}; raise --memory-budget or analyze a smaller model."
         )
         self.needed = needed

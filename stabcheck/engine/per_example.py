@@ -45,9 +45,14 @@ from stabcheck.engine.layer_gradients import (
     LayerRuleError,
     LayerTerms,
     Segments,
+    close_within,
     recording_hook,
 )
-from stabcheck.engine.memory import MemoryBudgetExceeded, saved_tensor_meter
+from stabcheck.engine.memory import (
+    MemoryBudgetExceeded,
+    format_bytes,
+    saved_tensor_meter,
+)
 from stabcheck.engine.objective import Objective
 from stabcheck.errors import DataError
 
@@ -189,25 +194,29 @@ def gradient_sums(
             start = stop
             continue
         segments = _segments(group_of, start, stop)
-        # The stacked group sums take 8 bytes per parameter and group, from what the chunk leaves.
+        # A group that goes on from the previous chunk or into the next needs its sum as a
+        # vector, carried across chunks. The groups inside the chunk need only the norm.
+        head = segments[:1] if carried_label is not None else []
+        last_start, last_stop = segments[-1]
+        tail = [segments[-1]] if last_stop < num_examples and group_of[last_stop] == group_of[last_start] else []
+        inner = [segment for segment in segments if segment not in head and segment not in tail]
+        # Norms of up to per_batch groups are computed together, within what the chunk leaves of the budget.
         room = None if memory_budget is None else memory_budget - fixed_bytes - len(indices) * bytes_per_example
-        per_batch = len(segments) if room is None else max(1, room // (8 * layout.dim))
-        for first in range(0, len(segments), per_batch):
-            batch = segments[first : first + per_batch]
-            stacked = terms.segment_sums([(a - start, b - start) for a, b in batch])
-            sq_norms_of_sums = sum(part.reshape(len(batch), -1).pow(2).sum(1) for part in stacked.values())
-            for position, (segment_start, segment_stop) in enumerate(batch):
-                label = group_of[segment_start]
-                continues = segment_stop < num_examples and group_of[segment_stop] == label
-                if carried_label is None and not continues:
-                    group_sums[label] = float(sq_norms_of_sums[position])
-                    continue
-                carried += layout.flatten({name: part[position] for name, part in stacked.items()})
-                carried_label = label
-                if not continues:
-                    group_sums[label] = float(carried.pow(2).sum())
-                    carried.zero_()
-                    carried_label = None
+        per_batch = len(inner) if room is None else max(1, room // (8 * layout.dim))
+        for first in range(0, len(inner), per_batch):
+            batch = inner[first : first + per_batch]
+            norms = terms.segment_sq_norms([(a - start, b - start) for a, b in batch])
+            for (segment_start, _), value in zip(batch, norms.tolist()):
+                group_sums[group_of[segment_start]] = value
+        for segment_start, segment_stop in head + [segment for segment in tail if segment not in head]:
+            label = group_of[segment_start]
+            stacked = terms.segment_sums([(segment_start - start, segment_stop - start)])
+            carried += layout.flatten({name: part[0] for name, part in stacked.items()})
+            carried_label = label
+            if not (segment_stop < num_examples and group_of[segment_stop] == label):
+                group_sums[label] = float(torch.dot(carried, carried))
+                carried.zero_()
+                carried_label = None
         start = stop
 
     blocks = module_blocks(layout.names)
@@ -273,8 +282,18 @@ def _chunk_size(num_examples: int, bytes_per_example: int, fixed_bytes: int, bud
         return num_examples
     room = budget - fixed_bytes
     if room < bytes_per_example:
-        raise MemoryBudgetExceeded(fixed_bytes + bytes_per_example, budget, "the gradient statistics of one example")
+        raise MemoryBudgetExceeded(
+            fixed_bytes + bytes_per_example,
+            budget,
+            f"the gradient statistics ({format_bytes(fixed_bytes)} for the sums and "
+            f"{format_bytes(bytes_per_example)} per example in a chunk) of one example",
+        )
     return max(1, min(num_examples, int(room // bytes_per_example)))
+
+
+def _squared_norms(rows: torch.Tensor) -> torch.Tensor:
+    """Return the squared Euclidean norm of each row, without a squared copy of the matrix."""
+    return torch.linalg.vector_norm(rows, dim=1).square()
 
 
 def _segments(group_of: list[int], start: int, stop: int) -> list[tuple[int, int]]:
@@ -381,7 +400,7 @@ def _probe_forward(
         # A batch of one that fails where a larger batch works (BatchNorm in train mode) also
         # means that the examples depend on each other.
         raise CoupledExamplesError(f"{COUPLED_MESSAGE} ({error})") from None
-    if not _close(alone, losses[:1], PROBE_RTOL.get(objective.dtype, 1e-4)):
+    if not close_within(alone, losses[:1], PROBE_RTOL.get(objective.dtype, 1e-4)):
         raise CoupledExamplesError(COUPLED_MESSAGE)
     return records
 
@@ -435,7 +454,7 @@ def _verified_terms(objective: Objective, plan: GradientPlan, indices: torch.Ten
     count = len(indices)
     if plan.probe_losses is not None:
         in_probe = indices < len(plan.probe_losses)
-        if not _close(terms.losses[in_probe.to(terms.losses.device)], plan.probe_losses[indices[in_probe]], rtol):
+        if not close_within(terms.losses[in_probe.to(terms.losses.device)], plan.probe_losses[indices[in_probe]], rtol):
             raise CoupledExamplesError(COUPLED_MESSAGE)
     check = indices[: min(PROBE_EXAMPLES, count)]
     for module_name, (module, param_names) in plan.layer_modules.items():
@@ -443,7 +462,7 @@ def _verified_terms(objective: Objective, plan: GradientPlan, indices: torch.Ten
             continue
         for local, full in param_names.items():
             layer_terms, _ = terms.layers[full]
-            if not _close(layer_terms.segment_sum(local, 0, count), terms.batch_gradient[full].double(), rtol):
+            if not layer_terms.batch_sum_matches(local, terms.batch_gradient[full].double(), rtol):
                 failures[module_name] = (
                     f"module {module_name!r}: the batch sum of its per-example gradients differs from "
                     "autograd's batch gradient (is its weight also used outside the module?)"
@@ -454,8 +473,8 @@ def _verified_terms(objective: Objective, plan: GradientPlan, indices: torch.Ten
         reference = _vmap_grads(objective, list(param_names.values()), objective.inputs[check], objective.targets[check])
         for local, full in param_names.items():
             layer_terms, _ = terms.layers[full]
-            expected = reference[full].double().reshape(len(check), -1).pow(2).sum(1)
-            if not _close(layer_terms.sq_norms(local)[: len(check)], expected, rtol):
+            expected = _squared_norms(reference[full].double().reshape(len(check), -1))
+            if not close_within(layer_terms.sq_norms(local)[: len(check)], expected, rtol):
                 failures[module_name] = (
                     f"module {module_name!r}: its per-example gradients from inputs and output gradients "
                     "differ from vmap's (is the batch dimension of its input not first?)"
@@ -477,11 +496,6 @@ def _verified_terms(objective: Objective, plan: GradientPlan, indices: torch.Ten
     return terms
 
 
-def _close(value: torch.Tensor, reference: torch.Tensor, rtol: float) -> bool:
-    scale = float(reference.abs().max()) if reference.numel() else 0.0
-    return bool(((value - reference).abs() <= rtol * scale + 1e-300).all())
-
-
 # ---------------------------------------------------------------------------------------------
 # One chunk of examples
 
@@ -500,15 +514,27 @@ class _ChunkTerms:
 
     def sq_norms(self) -> dict[str, torch.Tensor]:
         result = {name: terms.sq_norms(local) for name, (terms, local) in self.layers.items()}
-        result.update({name: g.reshape(self.count, -1).pow(2).sum(1) for name, g in self.others.items()})
+        result.update({name: _squared_norms(g.reshape(self.count, -1)) for name, g in self.others.items()})
         result.update({name: torch.zeros(self.count, dtype=torch.float64, device=z.device) for name, z in self.unused.items()})
         return result
 
     def squares(self) -> dict[str, torch.Tensor]:
         result = {name: terms.squares(local) for name, (terms, local) in self.layers.items()}
-        result.update({name: g.pow(2).sum(0) for name, g in self.others.items()})
+        result.update({name: (g * g).sum(0) for name, g in self.others.items()})
         result.update(self.unused)
         return result
+
+    def segment_sq_norms(self, bounds: list[tuple[int, int]]) -> torch.Tensor:
+        """Return the squared norm of the gradient sum over each of the consecutive segments ``bounds``."""
+        segments = Segments.from_bounds(bounds, self.losses.device)
+        total = torch.zeros(segments.count, dtype=torch.float64, device=self.losses.device)
+        for terms, local in self.layers.values():
+            total += terms.segment_sq_norms(local, segments)
+        for g in self.others.values():
+            sums = torch.zeros((segments.count, *g.shape[1:]), dtype=g.dtype, device=g.device)
+            sums.index_add_(0, segments.segment_of, g[segments.span])
+            total += _squared_norms(sums.reshape(segments.count, -1))
+        return total
 
     def segment_sums(self, bounds: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         """Return each parameter's gradient sums over consecutive segments ``bounds`` of the chunk,

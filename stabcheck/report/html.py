@@ -36,7 +36,7 @@ th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: ta
 .fail, .error { background: #f8d7da; color: #8a1c24; } .inconclusive { background: #eadcf5; color: #5b2a86; }
 .skipped { background: #eee; color: #555; }
 .notes li { color: #444; } .meaning { color: #333; } code { font-size: 0.88rem; word-break: break-all; }
-img { max-width: 100%; } .wide { overflow-x: auto; }
+img { max-width: 100%; } .wide { overflow-x: auto; } td.indices { min-width: 16rem; font-size: 0.85rem; }
 @media print { body { margin: 0; max-width: none; } h2 { page-break-after: avoid; }
   section, table, img { page-break-inside: avoid; } }
 """
@@ -293,6 +293,7 @@ def _provenance_section(report: Report) -> str:
         ["device", run["device"]],
         ["dtype", run["dtype"]],
         ["seed", run["seed"]],
+        ["memory budget (bytes)", f"{run.get('memory_budget_bytes')} ({run.get('memory_budget_source')})"],
         ["model spec", report.model["spec"]],
         ["model kwargs", json.dumps(report.model.get("kwargs", {}))],
         ["trainable parameters", f"{report.model['num_parameters']:,}"],

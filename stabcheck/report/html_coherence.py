@@ -6,6 +6,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
+from stabcheck.analyzers.opposing_signals import OPPOSITION_COSINE
 from stabcheck.analyzers.registry import ANALYZERS
 from stabcheck.report import plots
 from stabcheck.report.html_parts import (
@@ -79,7 +80,7 @@ def _per_layer(per_layer: list[dict[str, Any]] | None, label: str) -> str:
         return ""
     rows = [
         [
-            cell(row["block"]),
+            cell(_module_label(row)),
             number_cell(row["num_parameters"]),
             number_cell(row["alpha"]),
             number_cell(row["m_coherence"]),
@@ -89,11 +90,19 @@ def _per_layer(per_layer: list[dict[str, Any]] | None, label: str) -> str:
         for row in per_layer
     ]
     uri = plots.per_layer_plot(
-        [row["block"] for row in per_layer], [row["m_coherence"] for row in per_layer],
+        [_module_label(row) for row in per_layer], [row["m_coherence"] for row in per_layer],
         ylabel="m_coherence of the module", title=f"Coherence per module, {label}",
     )
     headers = ["module", "parameters", "alpha", "m_coherence", "gsnr", "mean |g_i|^2"]
     return "<h4>Per module</h4>" + table(headers, rows) + f'<img alt="m_coherence per module" src="{uri}">'
+
+
+def _percent(value: float | None) -> str:
+    return "null" if value is None else f"{value:.1%}"
+
+
+def _module_label(row: dict[str, Any]) -> str:
+    return f"{row['block']} ({row['module_type']})" if row.get("module_type") else row["block"]
 
 
 def _opposing(opposing: dict[str, Any] | None) -> str:
@@ -101,9 +110,9 @@ def _opposing(opposing: dict[str, Any] | None) -> str:
         return ""
     heading = "<h4>Opposing signals</h4>"
     searched = opposing.get("num_candidates", 0)
+    if opposing.get("skipped"):
+        return heading + f"<p>{escape(opposing['skipped'][:1].upper() + opposing['skipped'][1:])}.</p>"
     if not opposing.get("pairs"):
-        if searched == 0:
-            return heading + "<p>The search for opposing groups did not run.</p>"
         return heading + (
             f"<p>No pair of groups with opposing gradients among the {searched} examples with the "
             "largest gradient norms (above the mean).</p>"
@@ -113,7 +122,7 @@ def _opposing(opposing: dict[str, Any] | None) -> str:
         f"<p>Searched the {searched} examples with the largest gradient norms"
         + (f", which carry {share:.1%} of the summed squared gradient norm" if share is not None else "")
         + ". Each pair is two groups whose summed gradients point in opposite directions (cosine "
-        "below zero); indices are positions in the analysis set, largest gradient first.</p>"
+        f"at most {OPPOSITION_COSINE:g}); indices are positions in the analysis set, largest gradient first.</p>"
     )
     rows = []
     for pair in opposing["pairs"]:
@@ -126,12 +135,12 @@ def _opposing(opposing: dict[str, Any] | None) -> str:
                 [
                     cell(f"{pair['rank']}{side}"),
                     number_cell(pair["cosine"]) if side == "A" else cell(""),
-                    number_cell(pair["share_of_sq_norm"]) if side == "A" else cell(""),
+                    cell(_percent(pair["share_of_sq_norm"])) if side == "A" else cell(""),
                     number_cell(group["size"]),
                     number_cell(group["mean_gradient_norm"]),
                     number_cell(group["within_cosine"]),
                     cell(classes),
-                    f"<td><code>{escape(shown)}</code></td>",
+                    f'<td class="indices">{escape(shown)}</td>',
                 ]
             )
     headers = ["group", "cosine A vs B", "share of sum |g_i|^2", "size", "mean |g_i|", "mean cosine within", "classes", "example indices"]

@@ -80,7 +80,8 @@ def trajectory_plot(
     axes.set_ylabel(ylabel)
     axes.set_title(title)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    if points or limits:
+        axes.legend(fontsize=8)
     return _to_data_uri(figure)
 
 
