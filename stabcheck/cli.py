@@ -104,7 +104,7 @@ def analyze(
     junit: Annotated[Optional[Path], typer.Option(help="Write JUnit XML (one test case per gate) to this path.")] = None,
     markdown: Annotated[Optional[Path], typer.Option(help="Write a Markdown summary to this path.")] = None,
     csv: Annotated[Optional[Path], typer.Option(help="Write every scalar metric per checkpoint (one row each) as CSV to this path.")] = None,
-    trust_checkpoint: Annotated[bool, typer.Option(help="Allow full pickle loading, which runs code stored in the checkpoint.")] = False,
+    trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help="Allow full pickle loading, which runs code stored in the checkpoint.")] = False,
     weight_set: Annotated[Optional[str], typer.Option(help="Key of the weight set to analyze, e.g. an EMA copy such as 'ema' or 'ema.state_dict'.")] = None,
     lanczos_iters: Annotated[Optional[int], typer.Option(help="Maximum Lanczos steps, i.e. Hessian-vector products (default 100).")] = None,
     lanczos_tol: Annotated[Optional[float], typer.Option(help="Lanczos convergence tolerance: residual over the largest Ritz value (default 1e-4).")] = None,

@@ -51,7 +51,7 @@ from stabcheck.engine.per_example import (
 # A parameter whose gradient variance is below this share of its mean squared gradient has a
 # constant gradient over the examples, so its GSNR is undefined and it is left out of the mean.
 CONSTANT_GRADIENT_SHARE = 1e-12
-# Fewest candidates the opposing-signal search runs on: two groups of MIN_GROUP_SIZE.
+# Minimum number of candidates for the opposing-signal search: two groups of MIN_GROUP_SIZE.
 MIN_CANDIDATES = 2 * MIN_GROUP_SIZE
 # Indices listed per group in the JSON report; the group's size is always exact.
 MAX_LISTED_INDICES = 200
@@ -75,7 +75,7 @@ class GradientCoherenceAnalyzer(Analyzer):
         ),
         "m_coherence": (
             "m * alpha: 1 for orthogonal gradients, m for identical ones, below 1 when they cancel on "
-            "average (the sum of g_i . g_j over pairs is negative). Real labels give clearly higher "
+            "average (their pairwise dot products sum to a negative number). Real labels give clearly higher "
             "values than random labels early in training (Chatterjee & Zielinski); values near or "
             "below 1 mean the examples no longer share a direction, as when a network memorizes."
         ),
@@ -253,10 +253,12 @@ def _per_layer(sums: GradientSums, layout: Any, gsnr_parts: _GsnrParts, model: t
 def _opposing_signals(
     context: AnalysisContext, plan: GradientPlan, sums: GradientSums, budget: int, notes: list[str]
 ) -> dict[str, Any]:
+    """Search the examples with the largest gradient norms for opposing groups, within the budget."""
     settings = context.estimator
     objective = context.objective
     if settings.opposing_groups == 0:
         return {"num_candidates": 0, "pairs": [], "skipped": "the search for opposing groups was turned off (--opposing-groups 0)"}
+
     sq_norms = sums.sq_norms.cpu()
     # Opposing signals are outliers: only examples with an above-average squared norm qualify.
     above_mean = int((sq_norms > 0).logical_and(sq_norms >= sq_norms.mean()).sum())
@@ -267,6 +269,7 @@ def _opposing_signals(
         _, fixed = estimate_memory(objective, plan)
         fits = max(0, int((budget - fixed) // max(gram_bytes_per_example(objective, plan), 1)))
     count = min(wanted, fits)
+
     result: dict[str, Any] = {"num_candidates": count, "pairs": []}
     if count < MIN_CANDIDATES:
         result["num_candidates"] = 0
@@ -282,6 +285,7 @@ def _opposing_signals(
             f"the opposing-signal search used the top {count} examples by gradient norm, not "
             f"{wanted}, to stay within the memory budget of {format_bytes(budget)}"
         )
+
     candidates = torch.argsort(sq_norms, descending=True, stable=True)[:count]
     gram = gradient_gram(objective, candidates.to(objective.device), plan, sums)
     total_sq = float(sq_norms.sum())

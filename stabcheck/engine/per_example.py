@@ -81,7 +81,7 @@ class GradientSums:
     """Sums over examples of the per-example loss gradients, in float64.
 
     ``sum_gradient`` and ``sum_squares`` are flat vectors in the order of the objective's
-    parameter layout. ``sq_norms`` holds each example's squared gradient norm in analysis-set
+    parameter layout. ``sq_norms`` contains each example's squared gradient norm in analysis-set
     order, and ``block_sq_norms`` the same per module. ``group_sq_norm_of_sum`` maps each group
     label to the squared norm of the sum of its examples' gradients.
     """
@@ -397,8 +397,8 @@ def _probe_forward(
         with torch.no_grad():
             alone = objective.per_example_losses(objective.point, objective.inputs[:1], objective.targets[:1])
     except DataError as error:
-        # A batch of one that fails where a larger batch works (BatchNorm in train mode) also
-        # means that the examples depend on each other.
+        # When a single example fails where a larger batch works (BatchNorm in train mode), the
+        # examples depend on each other too.
         raise CoupledExamplesError(f"{COUPLED_MESSAGE} ({error})") from None
     if not close_within(alone, losses[:1], PROBE_RTOL.get(objective.dtype, 1e-4)):
         raise CoupledExamplesError(COUPLED_MESSAGE)
@@ -440,10 +440,11 @@ def _layer_candidates(objective: Objective) -> dict[str, tuple[nn.Module, dict[s
 def _verified_terms(objective: Objective, plan: GradientPlan, indices: torch.Tensor) -> _ChunkTerms:
     """Compute a chunk's terms, checking the plan's layer rules against autograd the first time.
 
-    A layer module whose rule's batch sum differs from autograd's batch gradient (its weight is
-    also used outside the module), whose per-example norms differ from vmap's on the first
-    examples, or a parameter taken as unused that the loss reaches, moves to vmap with a note,
-    and the chunk is computed again.
+    A layer module fails the check when its rule's batch sum differs from autograd's batch
+    gradient, which happens when its weight is also used outside the module. A rule that forms
+    per-example gradients also fails when its norms differ from vmap's on the first examples. A
+    parameter taken as unused fails when the loss reaches it. Whatever fails moves to vmap with a
+    note, and the chunk is computed again.
     """
     terms, failures = _chunk_terms(objective, plan, indices)
     if plan.verified:

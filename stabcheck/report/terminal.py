@@ -80,16 +80,18 @@ def _render_analyzer(report: Report, analyzer_id: str, console: Console) -> None
     for name in metric_names:
         table.add_column(name, justify="right")
     notes: list[str] = []
-    for entry in report.results:
-        result = entry["analyzers"].get(analyzer_id)
-        if result is None:
-            continue
+    entries = [entry for entry in report.results if analyzer_id in entry["analyzers"]]
+    for entry in entries:
+        result = entry["analyzers"][analyzer_id]
         label = short_label(report.checkpoints[entry["checkpoint"]], entry["checkpoint"])
         status = Text(result["status"], style=STATUS_STYLES.get(result["status"], ""))
         table.add_row(label, status, *(format_value(result["metrics"].get(name)) for name in metric_names))
         for note in result["notes"]:
-            if note not in notes:
-                notes.append(note)
+            # A note that only some checkpoints have is prefixed with its checkpoint.
+            shared = all(note in other["analyzers"][analyzer_id]["notes"] for other in entries)
+            text = note if shared or len(entries) == 1 else f"{label}: {note}"
+            if text not in notes:
+                notes.append(text)
     console.print(table)
     if analyzer:
         for name in metric_names:
