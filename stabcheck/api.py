@@ -93,6 +93,8 @@ def analyze(
     weight_set: str | None = None,
     progress: ProgressFactory | None = None,
     provenance: Mapping[str, Any] | None = None,
+    lmc_with: str | Path | None = None,
+    lmc_consecutive: bool = False,
 ) -> Report:
     """Run the chosen analyzers on ``model`` at each checkpoint (or at its current weights).
 
@@ -103,6 +105,8 @@ def analyze(
     weight_decay/2 * |theta|^2) override what the checkpoints' optimizer state records.
     ``model_mode`` is ``eval`` (BatchNorm running statistics) or ``train-bn-batch-stats``
     (BatchNorm statistics of the whole analysis set; dropout stays off).
+    ``lmc_with`` names the second endpoint of the lmc analyzer for every checkpoint;
+    ``lmc_consecutive`` pairs each checkpoint of a trajectory with the next one instead.
     ``gates`` is a table such as
     ``{"sharpness.edge_ratio": {"warn": 0.9, "fail": 1.2}}`` merged over the defaults.
     """
@@ -118,6 +122,7 @@ def analyze(
     }
     chosen = resolve_analyzers(list(analyzers) if analyzers else None)
     _validate_model_mode(model_mode, list(analyzers or ()))
+    chosen = _check_lmc_request(chosen, list(analyzers or ()), lmc_with, lmc_consecutive, len(expand_checkpoint_paths(checkpoints)))
     gate_table = parse_gates(gates)
     provenance = dict(provenance or {})
     progress = progress or (lambda label: None)
@@ -132,8 +137,14 @@ def analyze(
     results: list[dict[str, Any]] = []
     settings_per_checkpoint: list[TrainingSettings] = []
     targets = ordered if ordered else [None]
+    fixed_partner = None
+    if lmc_with is not None:
+        fixed_partner = _prepare_partner(model, Path(lmc_with), trust_checkpoint, weight_set)
     for index, path in enumerate(targets):
         analyzed_model, entry = _prepare_model(model, path, trust_checkpoint, weight_set)
+        partner = fixed_partner
+        if lmc_consecutive and index + 1 < len(targets):
+            partner = _prepare_partner(model, targets[index + 1], trust_checkpoint, weight_set)
         trainable = {name: p for name, p in analyzed_model.named_parameters() if p.requires_grad}
         settings = settings_from_optimizer_state(entry.pop("_optimizer_state"), trainable)
         if entry.get("_batch_size") is not None:
@@ -155,7 +166,7 @@ def analyze(
         results.append(
             {
                 "checkpoint": index,
-                "analyzers": _run_analyzers(chosen, analyzed_model, analysis_set, settings, estimator, seed, device, dtype, model_mode, loss_fn, progress, memory_budget),
+                "analyzers": _run_analyzers(chosen, analyzed_model, analysis_set, settings, estimator, seed, device, dtype, model_mode, loss_fn, progress, memory_budget, partner),
             }
         )
 
@@ -243,6 +254,10 @@ def _validate_settings(estimator: EstimatorSettings, device: str, dtype: str) ->
             f"--opposing-candidates must be at least 4 and --opposing-groups at least 0, got "
             f"{estimator.opposing_candidates} and {estimator.opposing_groups}."
         )
+    if estimator.lmc_points < 3:
+        raise UsageError(f"--lmc-points must be at least 3 (both ends and one point between), got {estimator.lmc_points}.")
+    if estimator.align not in ("none", "weight-matching"):
+        raise UsageError(f"--align {estimator.align!r} is unknown; use none or weight-matching.")
     if estimator.density_probes < 1 or estimator.density_steps < 2:
         raise UsageError(
             f"--density-probes must be at least 1 and --density-steps at least 2, got "
@@ -259,6 +274,32 @@ def _validate_model_mode(model_mode: str, requested: list[str]) -> None:
             "batch statistics, each example's output depends on the rest of the batch, so per-example "
             "gradients are undefined. Use --model-mode eval, or leave gradient-coherence out of --analyzers."
         )
+
+
+def _check_lmc_request(
+    chosen: list, requested: list[str], lmc_with: str | Path | None, consecutive: bool, num_checkpoints: int
+) -> list:
+    """Drop lmc from the default analyzers when it has no second endpoint, and reject misuse."""
+    if lmc_with is not None and consecutive:
+        raise UsageError("pass either --lmc-with or --lmc-consecutive, not both.")
+    if consecutive and num_checkpoints < 2:
+        raise UsageError("--lmc-consecutive pairs each checkpoint with the next, so it needs at least two checkpoints.")
+    if lmc_with is not None or consecutive:
+        return chosen
+    if "lmc" in requested:
+        raise UsageError(
+            "the lmc analyzer needs a second checkpoint: pass --lmc-with CHECKPOINT, or --lmc-consecutive "
+            "with several checkpoints."
+        )
+    return [analyzer for analyzer in chosen if analyzer.id != "lmc"]
+
+
+def _prepare_partner(
+    model: torch.nn.Module, path: Path, trust: bool, weight_set: str | None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load the lmc analyzer's second endpoint into a copy of the model."""
+    partner, entry = _prepare_model(model, path, trust, weight_set)
+    return partner, {key: entry[key] for key in ("path", "sha256", "format", "step", "weight_set")}
 
 
 def _order_checkpoints(paths: list[Path], trust: bool, weight_set: str | None, notes: list[str]) -> list[Path]:
@@ -322,6 +363,7 @@ def _run_analyzers(
     loss_fn: PerExampleLoss,
     progress: ProgressFactory,
     memory_budget: int,
+    partner: tuple[torch.nn.Module, dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     objective = Objective(
         model,
@@ -342,6 +384,8 @@ def _run_analyzers(
         seed=seed,
         progress=progress,
         memory_budget=memory_budget,
+        partner=None if partner is None else partner[0],
+        partner_entry=None if partner is None else partner[1],
     )
     outcome: dict[str, dict[str, Any]] = {}
     try:

@@ -93,6 +93,11 @@ def analyze(
     batch_size: Annotated[Optional[int], typer.Option(help="Training batch size (examples per step); overrides the checkpoint.")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="Coupled L2 weight decay w for every parameter, added to the objective as w/2*|theta|^2 (for AdamW: decoupled, not added); overrides the checkpoint.")] = None,
     lmc_with: Annotated[Optional[Path], typer.Option(help="Second endpoint checkpoint for the lmc analyzer.")] = None,
+    lmc_consecutive: Annotated[bool, typer.Option("--lmc-consecutive", help="Run lmc between each checkpoint of a trajectory and the next one.")] = False,
+    lmc_points: Annotated[Optional[int], typer.Option(help="Interpolation points from checkpoint A to B, both ends included (default 25).")] = None,
+    no_bn_reset: Annotated[bool, typer.Option("--no-bn-reset", help="Keep the interpolated BatchNorm running statistics instead of re-estimating them at each point.")] = False,
+    no_lmc_layers: Annotated[bool, typer.Option("--no-lmc-layers", help="Skip the per-module barriers (one interpolation curve per module).")] = False,
+    align: Annotated[Optional[str], typer.Option(help="Permutation alignment of B's hidden units before interpolation: none (default) or weight-matching.")] = None,
     max_samples: Annotated[Optional[int], typer.Option(help="Analyze the first N examples of the data (default: all).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for start vectors and probes (default 0).")] = None,
     device: Annotated[Optional[DeviceChoice], typer.Option(help="Device to run on (default cpu).")] = None,
@@ -143,7 +148,9 @@ def analyze(
                 density_probes=density_probes, density_steps=density_steps,
                 per_layer=per_layer or None, per_example_method=per_example_method,
                 memory_budget=memory_budget, opposing_candidates=opposing_candidates,
-                opposing_groups=opposing_groups, model_mode=model_mode,
+                opposing_groups=opposing_groups, model_mode=model_mode, lmc_points=lmc_points,
+                bn_reset=False if no_bn_reset else None, align=align, lmc_layers=False if no_lmc_layers else None,
+                lmc_consecutive=lmc_consecutive or None,
             ),
             config_path=config,
             lmc_with=lmc_with,
@@ -188,8 +195,6 @@ def _run(
         raise UsageError("no model spec: pass --model path/to/file.py:function (or set 'model' in stabcheck.toml).")
     if data_spec is None:
         raise UsageError("no data spec: pass --data path/to/file.py:function (or set 'data' in stabcheck.toml).")
-    if lmc_with is not None:
-        raise UsageError("--lmc-with needs the lmc analyzer, which is not available in this version of stabcheck.")
 
     analyzer_ids = setting("analyzers")
     if isinstance(analyzer_ids, str):
@@ -222,6 +227,10 @@ def _run(
         memory_budget=_memory_budget(setting("memory_budget")),
         opposing_candidates=setting("opposing_candidates", defaults.opposing_candidates),
         opposing_groups=setting("opposing_groups", defaults.opposing_groups),
+        lmc_points=setting("lmc_points", defaults.lmc_points),
+        bn_reset=bool(setting("bn_reset", defaults.bn_reset)),
+        align=setting("align", defaults.align),
+        lmc_layers=bool(setting("lmc_layers", defaults.lmc_layers)),
     )
     with _progress(console) as progress:
         return run_analysis(
@@ -244,6 +253,8 @@ def _run(
             gates=setting("gates"),
             trust_checkpoint=trust_checkpoint,
             weight_set=setting("weight_set"),
+            lmc_with=lmc_with,
+            lmc_consecutive=bool(setting("lmc_consecutive", False)),
             progress=progress,
             provenance={
                 "command": ["stabcheck", *sys.argv[1:]],

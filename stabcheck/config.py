@@ -51,6 +51,11 @@ KNOWN_KEYS = {
     "memory_budget": (int, str),
     "opposing_candidates": int,
     "opposing_groups": int,
+    "lmc_points": int,
+    "bn_reset": bool,
+    "lmc_layers": bool,
+    "align": str,
+    "lmc_consecutive": bool,
     "weight_set": str,
     "gates": dict,
 }

@@ -119,6 +119,10 @@ def test_missing_learning_rate_is_inconclusive(project, tmp_path):
         (["--loss", "mse"], "the loss cannot be computed"),
         (["--analyzers", "sharpnes"], "unknown analyzer 'sharpnes'; valid ids: sharpness"),
         (["--lr", "-1"], "--lr must be a positive number"),
+        (["--analyzers", "lmc"], "the lmc analyzer needs a second checkpoint"),
+        (["--lmc-consecutive"], "needs at least two checkpoints"),
+        (["--lmc-with", "{checkpoint}", "--lmc-points", "2"], "--lmc-points must be at least 3"),
+        (["--lmc-with", "{checkpoint}", "--align", "git-rebasin"], "--align 'git-rebasin' is unknown"),
         (["--memory-budget", "12XB"], "--memory-budget '12XB' is invalid: unknown unit 'xb'"),
         (["--per-example-method", "batched"], "--per-example-method 'batched' is unknown"),
         (["--model-mode", "train"], "--model-mode 'train' is unknown"),
@@ -130,7 +134,7 @@ def test_missing_learning_rate_is_inconclusive(project, tmp_path):
     ],
 )
 def test_bad_input_exits_2_with_message(project, arguments, message):
-    arguments = [a.replace("{spec}", str(project.spec_file)) for a in arguments]
+    arguments = [a.replace("{spec}", str(project.spec_file)).replace("{checkpoint}", str(project.checkpoint)) for a in arguments]
     base = {"--model": project.spec("build_model"), "--data": project.spec("load_data")}
     for flag in ("--model", "--data"):
         if flag in arguments:
@@ -270,6 +274,39 @@ def test_coherence_section_in_reports(project, tmp_path):
     assert "Gradient coherence" in page
     assert "Opposing signals" in page
     assert "gradient-coherence" in result.output
+
+
+def test_lmc_with_mismatched_checkpoint_exits_2(project, tmp_path):
+    wider = tmp_path / "wider.pt"
+    torch.save({"state_dict": torch.nn.Sequential(torch.nn.Linear(5, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3)).state_dict()}, wider)
+    result = invoke(project, "--lmc-with", str(wider), "--analyzers", "lmc")
+    assert result.exit_code == 2, result.output
+    assert "0.weight" in " ".join(result.stderr.split())
+
+
+def test_lmc_consecutive_pairs_a_trajectory(project, tmp_path):
+    later = tmp_path / "later.pt"
+    state = torch.load(project.checkpoint, weights_only=True)["model_state_dict"]
+    torch.save({"state_dict": {k: v * 1.1 if v.is_floating_point() else v for k, v in state.items()}, "step": 99}, later)
+    earlier = tmp_path / "earlier.pt"
+    torch.save({"state_dict": state, "step": 1}, earlier)
+    arguments = ["analyze", str(earlier), str(later), "--model", project.spec("build_model"), "--data", project.spec("load_data"),
+                 "--lmc-consecutive", "--analyzers", "lmc", "--json", str(tmp_path / "r.json"), "--html", str(tmp_path / "r.html")]
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert results[0]["analyzers"]["lmc"]["status"] == "ok"
+    assert results[0]["analyzers"]["lmc"]["diagnostics"]["partner"]["path"] == str(later)
+    assert results[1]["analyzers"]["lmc"]["status"] == "skipped"
+    page = (tmp_path / "r.html").read_text()
+    assert "Linear mode connectivity" in page
+    assert 'alt="loss along the interpolation"' in page
+
+
+def test_default_run_has_no_lmc_without_partner(project, tmp_path):
+    result = invoke(project, "--json", str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    assert "lmc" not in json.loads((tmp_path / "r.json").read_text())["results"][0]["analyzers"]
 
 
 def test_html_escapes_user_strings_and_fetches_nothing(project, tmp_path):

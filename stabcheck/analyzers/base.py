@@ -64,6 +64,11 @@ class EstimatorSettings:
     # Examples with the largest gradient norms searched for opposing groups, and the pairs reported.
     opposing_candidates: int = 128
     opposing_groups: int = 3
+    # Linear mode connectivity: grid points from A to B, BatchNorm reset, per-module barriers, alignment.
+    lmc_points: int = 25
+    bn_reset: bool = True
+    lmc_layers: bool = True
+    align: str = "none"
 
     def to_json(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -88,6 +93,10 @@ class AnalysisContext:
     progress: ProgressFactory = lambda label: None
     # Bytes an analyzer may allocate for its own statistics; None takes half the free memory.
     memory_budget: int | None = None
+    # The second endpoint for linear mode connectivity (a copy of the model with its weights),
+    # and its checkpoint entry for the report.
+    partner: torch.nn.Module | None = None
+    partner_entry: dict[str, Any] | None = None
     _hessian: HessianOperator | None = None
 
     def hessian(self) -> HessianOperator:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from stabcheck.analyzers.base import Analyzer
 from stabcheck.analyzers.gradient_coherence import GradientCoherenceAnalyzer
 from stabcheck.analyzers.hessian_trace import HessianTraceAnalyzer
+from stabcheck.analyzers.lmc import LmcAnalyzer
 from stabcheck.analyzers.sharpness import SharpnessAnalyzer
 from stabcheck.errors import UsageError
 
@@ -12,10 +13,11 @@ ANALYZERS: dict[str, type[Analyzer]] = {
     SharpnessAnalyzer.id: SharpnessAnalyzer,
     HessianTraceAnalyzer.id: HessianTraceAnalyzer,
     GradientCoherenceAnalyzer.id: GradientCoherenceAnalyzer,
+    LmcAnalyzer.id: LmcAnalyzer,
 }
 
 # Analyzer ids reserved by the JSON contract whose implementation has not shipped yet.
-PLANNED = ("lmc", "softmax-collapse", "neural-collapse")
+PLANNED = ("softmax-collapse", "neural-collapse")
 
 
 def resolve_analyzers(ids: list[str] | None) -> list[Analyzer]:

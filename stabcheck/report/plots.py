@@ -122,3 +122,29 @@ def per_layer_plot(blocks: Sequence[str], values: Sequence[float | None], *, yla
     axes.set_title(title)
     axes.grid(alpha=0.3, axis="x")
     return _to_data_uri(figure)
+
+
+def interpolation_plot(
+    curves: Sequence[tuple[str, Sequence[float], Sequence[float | None]]], *, ylabel: str, title: str
+) -> str:
+    """Plot values along the interpolation from checkpoint A (a = 0) to B (a = 1).
+
+    Each curve is (label, alphas, values). A dashed line joins each curve's two endpoints: the
+    linear reference that a barrier is measured against.
+    """
+    figure, axes = plt.subplots(figsize=FIGURE_SIZE)
+    colors = ("#1f4e79", "#c05a00", "#2e7d32")
+    for (label, alphas, values), color in zip(curves, colors):
+        points = [(a, v) for a, v in zip(alphas, values) if v is not None]
+        if not points:
+            continue
+        axes.plot(*zip(*points), "o-", markersize=3, color=color, label=label)
+        (first_a, first_v), (last_a, last_v) = points[0], points[-1]
+        axes.plot([first_a, last_a], [first_v, last_v], "--", color=color, alpha=0.6)
+    axes.set_xlabel("interpolation weight a (0 = checkpoint A, 1 = checkpoint B)")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=8)
+    return _to_data_uri(figure)
