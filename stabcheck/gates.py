@@ -42,6 +42,10 @@ DEFAULT_GATES: dict[str, Gate] = {
     # from 0.9 so users see that the run is at the edge. Above 1.2 a quadratic model predicts that
     # each step overshoots by 20% along the top direction, which full-batch runs survive only briefly.
     "sharpness.edge_ratio": Gate("sharpness.edge_ratio", warn=0.9, fail=1.2),
+    # A collapsed sample has exactly zero loss and gradient, so it no longer trains. Warn once 1%
+    # of the analyzed samples have stopped learning, and fail at 5%, when one sample in twenty
+    # has dropped out of training.
+    "softmax-collapse.sc_fraction": Gate("softmax-collapse.sc_fraction", warn=0.01, fail=0.05),
 }
 
 

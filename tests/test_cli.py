@@ -53,7 +53,7 @@ def test_passing_run_writes_every_report(project, tmp_path):
     assert document["checkpoints"][0]["sha256"] == hashlib.sha256(project.checkpoint.read_bytes()).hexdigest()
     assert document["model"]["num_parameters"] == 5 * 8 + 8 + 8 * 3 + 3
     assert document["data"]["num_classes"] == 3
-    assert '<testsuite name="stabcheck" tests="1" failures="0"' in outputs["r.xml"].read_text()
+    assert '<testsuite name="stabcheck" tests="2" failures="0"' in outputs["r.xml"].read_text()
     assert "| `sharpness.edge_ratio` |" in outputs["r.md"].read_text()
     html = outputs["r.html"].read_text()
     assert "Ritz value" in html

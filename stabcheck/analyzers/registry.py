@@ -7,6 +7,7 @@ from stabcheck.analyzers.gradient_coherence import GradientCoherenceAnalyzer
 from stabcheck.analyzers.hessian_trace import HessianTraceAnalyzer
 from stabcheck.analyzers.lmc import LmcAnalyzer
 from stabcheck.analyzers.sharpness import SharpnessAnalyzer
+from stabcheck.analyzers.softmax_collapse import SoftmaxCollapseAnalyzer
 from stabcheck.errors import UsageError
 
 ANALYZERS: dict[str, type[Analyzer]] = {
@@ -14,10 +15,11 @@ ANALYZERS: dict[str, type[Analyzer]] = {
     HessianTraceAnalyzer.id: HessianTraceAnalyzer,
     GradientCoherenceAnalyzer.id: GradientCoherenceAnalyzer,
     LmcAnalyzer.id: LmcAnalyzer,
+    SoftmaxCollapseAnalyzer.id: SoftmaxCollapseAnalyzer,
 }
 
 # Analyzer ids reserved by the JSON contract whose implementation has not shipped yet.
-PLANNED = ("softmax-collapse", "neural-collapse")
+PLANNED = ("neural-collapse",)
 
 
 def resolve_analyzers(ids: list[str] | None) -> list[Analyzer]:

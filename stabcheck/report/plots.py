@@ -148,3 +148,24 @@ def interpolation_plot(
     if axes.get_legend_handles_labels()[0]:
         axes.legend(fontsize=8)
     return _to_data_uri(figure)
+
+
+def histogram_plot(
+    edges: Sequence[float], counts: Sequence[int], *, markers: dict[str, float], xlabel: str, title: str
+) -> str:
+    """Bar chart of a histogram, with a dashed vertical line for each named marker inside the range."""
+    figure, axes = plt.subplots(figsize=FIGURE_SIZE)
+    widths = [right - left for left, right in zip(edges[:-1], edges[1:])]
+    axes.bar(edges[:-1], counts, width=widths, align="edge", color="#1f4e79", edgecolor="white")
+    low, high = edges[0], edges[-1]
+    span = max(high - low, 1e-12)
+    for (label, value), color in zip(markers.items(), ("#b22222", "#c05a00", "#2e7d32", "#6a1b9a")):
+        if low - 0.05 * span <= value <= high + 0.05 * span:
+            axes.axvline(value, linestyle="--", color=color, label=label)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("samples")
+    axes.set_title(title)
+    axes.grid(alpha=0.3, axis="y")
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(fontsize=8)
+    return _to_data_uri(figure)

@@ -79,7 +79,7 @@ def _render_analyzer(report: Report, analyzer_id: str, console: Console) -> None
     table.add_column("status")
     for name in metric_names:
         table.add_column(name, justify="right")
-    notes: list[str] = []
+    labels_of_note: dict[str, list[str]] = {}
     entries = [entry for entry in report.results if analyzer_id in entry["analyzers"]]
     for entry in entries:
         result = entry["analyzers"][analyzer_id]
@@ -87,11 +87,12 @@ def _render_analyzer(report: Report, analyzer_id: str, console: Console) -> None
         status = Text(result["status"], style=STATUS_STYLES.get(result["status"], ""))
         table.add_row(label, status, *(format_value(result["metrics"].get(name)) for name in metric_names))
         for note in result["notes"]:
-            # A note that only some checkpoints have is prefixed with its checkpoint.
-            shared = all(note in other["analyzers"][analyzer_id]["notes"] for other in entries)
-            text = note if shared or len(entries) == 1 else f"{label}: {note}"
-            if text not in notes:
-                notes.append(text)
+            labels_of_note.setdefault(note, []).append(label)
+    # A note that only some checkpoints have is prefixed with the checkpoints it belongs to.
+    notes = [
+        note if len(labels) == len(entries) else f"{', '.join(labels)}: {note}"
+        for note, labels in labels_of_note.items()
+    ]
     console.print(table)
     if analyzer:
         for name in metric_names:
