@@ -166,7 +166,11 @@ def analyze(
         results.append(
             {
                 "checkpoint": index,
-                "analyzers": _run_analyzers(chosen, analyzed_model, analysis_set, settings, estimator, seed, device, dtype, model_mode, loss_fn, progress, memory_budget, partner),
+                "analyzers": _run_analyzers(
+                    chosen, analyzed_model, analysis_set, settings, estimator, seed, device, dtype, model_mode,
+                    loss_fn, progress, memory_budget, partner,
+                    "the last checkpoint of the trajectory has no next checkpoint to pair with" if lmc_consecutive else None,
+                ),
             }
         )
 
@@ -364,6 +368,7 @@ def _run_analyzers(
     progress: ProgressFactory,
     memory_budget: int,
     partner: tuple[torch.nn.Module, dict[str, Any]] | None = None,
+    partner_missing: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     objective = Objective(
         model,
@@ -386,6 +391,7 @@ def _run_analyzers(
         memory_budget=memory_budget,
         partner=None if partner is None else partner[0],
         partner_entry=None if partner is None else partner[1],
+        partner_missing=partner_missing,
     )
     outcome: dict[str, dict[str, Any]] = {}
     try:

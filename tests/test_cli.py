@@ -298,6 +298,7 @@ def test_lmc_consecutive_pairs_a_trajectory(project, tmp_path):
     assert results[0]["analyzers"]["lmc"]["status"] == "ok"
     assert results[0]["analyzers"]["lmc"]["diagnostics"]["partner"]["path"] == str(later)
     assert results[1]["analyzers"]["lmc"]["status"] == "skipped"
+    assert "no next checkpoint" in results[1]["analyzers"]["lmc"]["notes"][0]
     page = (tmp_path / "r.html").read_text()
     assert "Linear mode connectivity" in page
     assert 'alt="loss along the interpolation"' in page

@@ -63,6 +63,8 @@ def test_same_checkpoint_has_zero_barrier(tmp_path):
     losses = result["metrics"]["curve"]["loss"]
     assert result["metrics"]["barrier"] == 0.0
     assert result["metrics"]["accuracy_barrier"] == 0.0
+    assert result["metrics"]["bn_reset"] is None
+    assert any("no BatchNorm" in note for note in result["notes"])
     assert len(losses) == 25
     assert all(loss == losses[0] for loss in losses)
 

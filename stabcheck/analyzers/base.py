@@ -97,6 +97,8 @@ class AnalysisContext:
     # and its checkpoint entry for the report.
     partner: torch.nn.Module | None = None
     partner_entry: dict[str, Any] | None = None
+    # Why there is no second endpoint, when the caller knows better than the generic reason.
+    partner_missing: str | None = None
     _hessian: HessianOperator | None = None
 
     def hessian(self) -> HessianOperator:

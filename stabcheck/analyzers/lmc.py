@@ -85,7 +85,9 @@ class LmcAnalyzer(Analyzer):
 
     def skip_reason(self, context: AnalysisContext) -> str | None:
         if context.partner is None:
-            return "lmc needs a second checkpoint: pass --lmc-with CHECKPOINT, or --lmc-consecutive for a trajectory"
+            return context.partner_missing or (
+                "lmc needs a second checkpoint: pass --lmc-with CHECKPOINT, or --lmc-consecutive for a trajectory"
+            )
         return None
 
     def run(self, context: AnalysisContext) -> AnalyzerResult:
@@ -114,12 +116,17 @@ class LmcAnalyzer(Analyzer):
             return values
 
         notes: list[str] = []
+        partner_path = (context.partner_entry or {}).get("path")
+        if partner_path:
+            notes.append(f"checkpoint B (a = 1) is {partner_path}")
         points = curve(state_b)
         barrier, accuracy_barrier = _barriers(alphas, points)
         copied = integer_entries(state_a)
         if copied:
             notes.append(f"integer buffers copied from checkpoint A, not interpolated: {', '.join(copied)}")
-        if has_batchnorm(work):
+        if not has_batchnorm(work):
+            notes.append("the model has no BatchNorm layers, so bn_reset does not apply and is null")
+        else:
             notes.append(
                 "BatchNorm statistics were re-estimated at each interior point (one pass over the analysis set)"
                 if reset
@@ -149,7 +156,7 @@ class LmcAnalyzer(Analyzer):
             "barrier": finite_or_none(barrier),
             "accuracy_barrier": finite_or_none(accuracy_barrier),
             "curve": _curve_json(alphas, points),
-            "bn_reset": reset,
+            "bn_reset": reset if has_batchnorm(work) else None,
         }
         return AnalyzerResult(status="ok", metrics=metrics, diagnostics=diagnostics, notes=tuple(notes))
 
@@ -228,6 +235,12 @@ def _aligned(context: AnalysisContext, state_a, state_b, alphas, curve, points, 
         return {"method": "weight-matching", "skipped": reason}
     barrier, accuracy_barrier = _barriers(alphas, aligned_points)
     moved = [int((perm != np.arange(len(perm))).sum()) for perm in permutations]
+    accuracy_text = "" if accuracy_barrier is None else f", accuracy_barrier {accuracy_barrier:.4g}"
+    notes.append(
+        f"after weight matching ({sum(moved)} of {sum(spec.sizes)} hidden units moved): barrier "
+        f"{barrier:.4g}{accuracy_text}"
+    )
+    module_types = {name: type(module).__name__ for name, module in context.model.named_modules()}
     return {
         "method": "weight-matching",
         "barrier": finite_or_none(barrier),
@@ -235,7 +248,7 @@ def _aligned(context: AnalysisContext, state_a, state_b, alphas, curve, points, 
         "curve": _curve_json(alphas, aligned_points),
         "sweeps": sweeps,
         "layers": [
-            {"layer": name, "units": size, "units_moved": count}
+            {"layer": name, "module_type": module_types.get(name), "units": size, "units_moved": count}
             for name, size, count in zip(spec.layer_names, spec.sizes, moved)
         ],
     }

@@ -67,7 +67,7 @@ def permutation_spec(model: nn.Module) -> PermutationSpec:
     """Describe how the hidden units of a Sequential chain can be permuted."""
     if not isinstance(model, nn.Sequential):
         raise UnsupportedArchitecture(
-            f"weight matching supports nn.Sequential chains, and the model is a {type(model).__name__}"
+            f"weight matching supports nn.Sequential chains, and the model's class is {type(model).__name__}"
         )
     spec = PermutationSpec()
     # The hidden layer whose units the next weighted layer's inputs are, and its repeat count.

@@ -38,7 +38,7 @@ def lmc_section(report: Report, analyzer_id: str) -> str:
             rows = {
                 "barrier": metrics.get("barrier"),
                 "accuracy_barrier": metrics.get("accuracy_barrier"),
-                "bn_reset": "yes" if metrics.get("bn_reset") else "no",
+                "bn_reset": {True: "yes", False: "no"}.get(metrics.get("bn_reset"), "not applicable (no BatchNorm)"),
             }
             if "barrier" in alignment:
                 rows["barrier after weight matching"] = alignment["barrier"]
@@ -72,7 +72,14 @@ def _alignment_table(alignment: dict[str, Any]) -> str:
         return ""
     if "skipped" in alignment:
         return f"<p>Weight matching did not run: {escape(alignment['skipped'])}.</p>"
-    rows = [[cell(layer["layer"]), number_cell(layer["units"]), number_cell(layer["units_moved"])] for layer in alignment["layers"]]
+    rows = [
+        [
+            cell(f"{layer['layer']} ({layer['module_type']})" if layer.get("module_type") else layer["layer"]),
+            number_cell(layer["units"]),
+            number_cell(layer["units_moved"]),
+        ]
+        for layer in alignment["layers"]
+    ]
     intro = f"<p>Weight matching converged in {alignment['sweeps']} sweep(s) over the hidden layers.</p>"
     return "<h4>Alignment</h4>" + intro + table(["hidden layer", "units", "units moved"], rows)
 
@@ -85,11 +92,16 @@ def _per_layer(rows: list[dict[str, Any]] | None, heading: str) -> str:
         [cell(name), number_cell(row["barrier"]), number_cell(row["accuracy_barrier"]), number_cell(row.get("swap_loss_change"))]
         for name, row in zip(labels, rows)
     ]
-    uri = plots.per_layer_plot(labels, [row["barrier"] for row in rows], ylabel="loss barrier", title=f"Barrier per module, {heading}")
+    barrier_chart = plots.per_layer_plot(labels, [row["barrier"] for row in rows], ylabel="loss barrier", title=f"Barrier per module, {heading}")
+    swap_chart = plots.per_layer_plot(
+        labels, [row.get("swap_loss_change") for row in rows],
+        ylabel="loss change", title=f"Loss change when one module is swapped in from B, {heading}",
+    )
     intro = (
         "<p>Each module's tensors are interpolated on their own, with the rest of the network held at "
         "checkpoint A. A module's barrier is measured against the chord of its own curve, from A to A with "
         "that module taken from B; the last column is the loss change of that swap.</p>"
     )
     headers = ["module", "barrier", "accuracy_barrier", "loss change when swapped in from B"]
-    return "<h4>Barrier per module</h4>" + intro + table(headers, body) + f'<img alt="barrier per module" src="{uri}">'
+    images = f'<img alt="barrier per module" src="{barrier_chart}"><img alt="loss change per swapped module" src="{swap_chart}">'
+    return "<h4>Barrier per module</h4>" + intro + table(headers, body) + images

@@ -118,6 +118,7 @@ def per_layer_plot(blocks: Sequence[str], values: Sequence[float | None], *, yla
     axes.set_yticks(positions)
     axes.set_yticklabels(blocks, fontsize=8)
     axes.invert_yaxis()
+    axes.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
     axes.set_xlabel(ylabel)
     axes.set_title(title)
     axes.grid(alpha=0.3, axis="x")
@@ -140,7 +141,7 @@ def interpolation_plot(
             continue
         axes.plot(*zip(*points), "o-", markersize=3, color=color, label=label)
         (first_a, first_v), (last_a, last_v) = points[0], points[-1]
-        axes.plot([first_a, last_a], [first_v, last_v], "--", color=color, alpha=0.6)
+        axes.plot([first_a, last_a], [first_v, last_v], "--", color=color, alpha=0.6, label=f"{label}: straight line between the ends")
     axes.set_xlabel("interpolation weight a (0 = checkpoint A, 1 = checkpoint B)")
     axes.set_ylabel(ylabel)
     axes.set_title(title)

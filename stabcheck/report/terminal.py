@@ -101,7 +101,8 @@ def _render_analyzer(report: Report, analyzer_id: str, console: Console) -> None
     for note in notes[:MAX_NOTES_PER_ANALYZER]:
         console.print(f"  [dim]note: {note}[/dim]", highlight=False)
     if len(notes) > MAX_NOTES_PER_ANALYZER:
-        console.print(f"  [dim]({len(notes) - MAX_NOTES_PER_ANALYZER} more notes in the JSON and HTML reports)[/dim]")
+        hidden = len(notes) - MAX_NOTES_PER_ANALYZER
+        console.print(f"  [dim]({hidden} more note{'s' if hidden > 1 else ''} in the JSON and HTML reports)[/dim]")
 
 
 def _is_shown(value: Any) -> bool:
