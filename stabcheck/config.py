@@ -56,6 +56,7 @@ KNOWN_KEYS = {
     "lmc_layers": bool,
     "align": str,
     "lmc_consecutive": bool,
+    "feature_layer": str,
     "weight_set": str,
     "gates": dict,
 }

@@ -69,6 +69,8 @@ class EstimatorSettings:
     bn_reset: bool = True
     lmc_layers: bool = True
     align: str = "none"
+    # Neural collapse: the classifier layer whose input is the penultimate feature; None finds it.
+    feature_layer: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dict(vars(self))

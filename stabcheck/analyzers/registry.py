@@ -6,6 +6,7 @@ from stabcheck.analyzers.base import Analyzer
 from stabcheck.analyzers.gradient_coherence import GradientCoherenceAnalyzer
 from stabcheck.analyzers.hessian_trace import HessianTraceAnalyzer
 from stabcheck.analyzers.lmc import LmcAnalyzer
+from stabcheck.analyzers.neural_collapse import NeuralCollapseAnalyzer
 from stabcheck.analyzers.sharpness import SharpnessAnalyzer
 from stabcheck.analyzers.softmax_collapse import SoftmaxCollapseAnalyzer
 from stabcheck.errors import UsageError
@@ -16,10 +17,11 @@ ANALYZERS: dict[str, type[Analyzer]] = {
     GradientCoherenceAnalyzer.id: GradientCoherenceAnalyzer,
     LmcAnalyzer.id: LmcAnalyzer,
     SoftmaxCollapseAnalyzer.id: SoftmaxCollapseAnalyzer,
+    NeuralCollapseAnalyzer.id: NeuralCollapseAnalyzer,
 }
 
 # Analyzer ids reserved by the JSON contract whose implementation has not shipped yet.
-PLANNED = ("neural-collapse",)
+PLANNED: tuple[str, ...] = ()
 
 
 def resolve_analyzers(ids: list[str] | None) -> list[Analyzer]:

@@ -15,6 +15,7 @@ from stabcheck.analyzers.registry import ANALYZERS
 from stabcheck.report import plots
 from stabcheck.report.html_coherence import coherence_section
 from stabcheck.report.html_lmc import lmc_section
+from stabcheck.report.html_neural import neural_collapse_section
 from stabcheck.report.html_softmax import softmax_section
 from stabcheck.report.html_parts import badge as _badge
 from stabcheck.report.html_parts import cell as _cell
@@ -332,4 +333,5 @@ SECTION_RENDERERS: dict[str, Callable[[Report, str], str]] = {
     "gradient-coherence": coherence_section,
     "lmc": lmc_section,
     "softmax-collapse": softmax_section,
+    "neural-collapse": neural_collapse_section,
 }

@@ -1,0 +1,45 @@
+"""The neural-collapse section of the HTML report: NC1 and NC4 over checkpoints, then each checkpoint's metrics."""
+
+from __future__ import annotations
+
+from html import escape
+
+from stabcheck.analyzers.registry import ANALYZERS
+from stabcheck.report import plots
+from stabcheck.report.html_parts import badge, cell, interpretation, metrics_table, notes_list, number_cell, table
+from stabcheck.report.model import Report
+from stabcheck.report.terminal import checkpoint_label
+
+
+def neural_collapse_section(report: Report, analyzer_id: str) -> str:
+    analyzer = ANALYZERS[analyzer_id]
+    parts = [f"<section><h2>{escape(analyzer.title)} <small>({escape(analyzer_id)})</small></h2>", interpretation(analyzer_id)]
+    entries = [(e["checkpoint"], e["analyzers"][analyzer_id]) for e in report.results if analyzer_id in e["analyzers"]]
+    measured = [(index, result) for index, result in entries if result["metrics"]]
+    if len(measured) > 1:
+        has_steps = all(report.checkpoints[index].get("step") is not None for index, _ in measured)
+        steps = [report.checkpoints[index]["step"] if has_steps else index for index, _ in measured]
+        for name, title in (("nc1", "NC1: within-class spread over checkpoints"), ("nc4_ncc_mismatch", "NC4: nearest-class-mean mismatch over checkpoints")):
+            uri = plots.trajectory_plot(
+                steps,
+                [result["metrics"][name] for _, result in measured],
+                [None] * len(measured),
+                ylabel=name,
+                title=title + " (log axis when every value is positive)",
+                xlabel="training step" if has_steps else "checkpoint",
+                log_y=True,
+            )
+            parts.append(f'<img alt="{escape(name)} over checkpoints" src="{uri}">')
+    for index, result in entries:
+        label = checkpoint_label(report.checkpoints[index], index)
+        parts.append(f"<h3>{escape(label)} {badge(result['status'])}</h3>")
+        if result["metrics"]:
+            parts.append(metrics_table(result["metrics"]))
+            counts = result["diagnostics"].get("class_counts") or {}
+            if counts:
+                rows = [[cell(name), number_cell(count)] for name, count in counts.items()]
+                imbalance = result["diagnostics"].get("class_imbalance")
+                parts.append(f"<p>Class sizes: largest over smallest {imbalance:.3g}.</p>" + table(["class", "samples"], rows))
+        parts.append(notes_list(result["notes"]))
+    parts.append("</section>")
+    return "\n".join(parts)
