@@ -16,7 +16,6 @@ from stabcheck.report import plots
 from stabcheck.report.html_coherence import coherence_section
 from stabcheck.report.html_lmc import lmc_section
 from stabcheck.report.html_neural import neural_collapse_section
-from stabcheck.report.html_softmax import softmax_section
 from stabcheck.report.html_parts import badge as _badge
 from stabcheck.report.html_parts import cell as _cell
 from stabcheck.report.html_parts import interpretation as _interpretation
@@ -24,6 +23,7 @@ from stabcheck.report.html_parts import metrics_table as _metrics_table
 from stabcheck.report.html_parts import notes_list as _notes
 from stabcheck.report.html_parts import number_cell as _num
 from stabcheck.report.html_parts import table as _table
+from stabcheck.report.html_softmax import softmax_section
 from stabcheck.report.model import Report
 from stabcheck.report.terminal import checkpoint_label, format_value
 

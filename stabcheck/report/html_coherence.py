@@ -16,6 +16,7 @@ from stabcheck.report.html_parts import (
     metrics_table,
     notes_list,
     number_cell,
+    step_axis,
     table,
 )
 from stabcheck.report.model import Report
@@ -30,15 +31,14 @@ def coherence_section(report: Report, analyzer_id: str) -> str:
     parts = [f"<section><h2>{escape(analyzer.title)} <small>({escape(analyzer_id)})</small></h2>", interpretation(analyzer_id)]
     entries = [(e["checkpoint"], e["analyzers"][analyzer_id]) for e in report.results if analyzer_id in e["analyzers"]]
     if len(entries) > 1:
-        has_steps = all(report.checkpoints[index].get("step") is not None for index, _ in entries)
-        steps = [report.checkpoints[index]["step"] if has_steps else index for index, _ in entries]
+        steps, xlabel = step_axis(report, [index for index, _ in entries])
         uri = plots.trajectory_plot(
             steps,
             [result["metrics"].get("m_coherence") for _, result in entries],
             [None] * len(entries),
             ylabel="m_coherence",
             title="Gradient coherence over checkpoints (1 = orthogonal gradients)",
-            xlabel="training step" if has_steps else "checkpoint",
+            xlabel=xlabel,
             log_y=True,
         )
         parts.append(f'<img alt="m_coherence over checkpoints" src="{uri}">')

@@ -6,7 +6,16 @@ from html import escape
 
 from stabcheck.analyzers.registry import ANALYZERS
 from stabcheck.report import plots
-from stabcheck.report.html_parts import badge, cell, interpretation, metrics_table, notes_list, number_cell, table
+from stabcheck.report.html_parts import (
+    badge,
+    cell,
+    interpretation,
+    metrics_table,
+    notes_list,
+    number_cell,
+    step_axis,
+    table,
+)
 from stabcheck.report.model import Report
 from stabcheck.report.terminal import checkpoint_label
 
@@ -17,8 +26,7 @@ def neural_collapse_section(report: Report, analyzer_id: str) -> str:
     entries = [(e["checkpoint"], e["analyzers"][analyzer_id]) for e in report.results if analyzer_id in e["analyzers"]]
     measured = [(index, result) for index, result in entries if result["metrics"]]
     if len(measured) > 1:
-        has_steps = all(report.checkpoints[index].get("step") is not None for index, _ in measured)
-        steps = [report.checkpoints[index]["step"] if has_steps else index for index, _ in measured]
+        steps, xlabel = step_axis(report, [index for index, _ in measured])
         for name, title in (("nc1", "NC1: within-class spread over checkpoints"), ("nc4_ncc_mismatch", "NC4: nearest-class-mean mismatch over checkpoints")):
             uri = plots.trajectory_plot(
                 steps,
@@ -26,7 +34,7 @@ def neural_collapse_section(report: Report, analyzer_id: str) -> str:
                 [None] * len(measured),
                 ylabel=name,
                 title=title + " (log axis when every value is positive)",
-                xlabel="training step" if has_steps else "checkpoint",
+                xlabel=xlabel,
                 log_y=True,
             )
             parts.append(f'<img alt="{escape(name)} over checkpoints" src="{uri}">')

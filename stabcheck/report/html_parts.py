@@ -49,3 +49,13 @@ def interpretation(analyzer_id: str) -> str:
 def metrics_table(metrics: dict[str, Any]) -> str:
     rows = [[f"<td>{escape(name)}</td>", number_cell(value)] for name, value in metrics.items()]
     return table(["metric", "value"], rows)
+
+
+def step_axis(report: Any, indices: list[int]) -> tuple[list[Any], str]:
+    """Return the x values of a plot over the given checkpoints and the axis label.
+
+    The stored training steps are used when every checkpoint has one, else the positions.
+    """
+    if all(report.checkpoints[index].get("step") is not None for index in indices):
+        return [report.checkpoints[index]["step"] for index in indices], "training step"
+    return list(indices), "checkpoint"

@@ -8,7 +8,16 @@ from typing import Any
 
 from stabcheck.analyzers.registry import ANALYZERS
 from stabcheck.report import plots
-from stabcheck.report.html_parts import badge, cell, interpretation, metrics_table, notes_list, number_cell, table
+from stabcheck.report.html_parts import (
+    badge,
+    cell,
+    interpretation,
+    metrics_table,
+    notes_list,
+    number_cell,
+    step_axis,
+    table,
+)
 from stabcheck.report.model import Report
 from stabcheck.report.terminal import checkpoint_label
 
@@ -19,15 +28,14 @@ def softmax_section(report: Report, analyzer_id: str) -> str:
     entries = [(e["checkpoint"], e["analyzers"][analyzer_id]) for e in report.results if analyzer_id in e["analyzers"]]
     measured = [(index, result) for index, result in entries if result["metrics"]]
     if len(measured) > 1:
-        has_steps = all(report.checkpoints[index].get("step") is not None for index, _ in measured)
-        steps = [report.checkpoints[index]["step"] if has_steps else index for index, _ in measured]
+        steps, xlabel = step_axis(report, [index for index, _ in measured])
         uri = plots.trajectory_plot(
             steps,
             [result["metrics"]["sc_fraction"] for _, result in measured],
             [None] * len(measured),
             ylabel="sc_fraction",
             title="Share of samples with a collapsed softmax, over checkpoints",
-            xlabel="training step" if has_steps else "checkpoint",
+            xlabel=xlabel,
         )
         parts.append(f'<img alt="sc_fraction over checkpoints" src="{uri}">')
     for index, result in entries:
