@@ -505,7 +505,6 @@ def _verified_terms(objective: Objective, plan: GradientPlan, indices: torch.Ten
 class _ChunkTerms:
     """Per-example gradient terms of one chunk for every parameter."""
 
-    layout_names: tuple[str, ...]
     batch_gradient: dict[str, torch.Tensor]
     layers: dict[str, tuple[LayerTerms, str]]  # full parameter name -> (layer terms, local name)
     others: dict[str, torch.Tensor]  # full parameter name -> [k, *shape] float64
@@ -585,7 +584,7 @@ def _chunk_terms(objective: Objective, plan: GradientPlan, indices: torch.Tensor
     if plan.other_params and not failures:
         compute = _loop_grads if plan.other_method == "loop" else _vmap_grads
         others = {name: g.double() for name, g in compute(objective, plan.other_params, inputs, targets).items()}
-    return _ChunkTerms(names, dict(zip(names, batch)), layers, others, unused, count, losses), failures
+    return _ChunkTerms(dict(zip(names, batch)), layers, others, unused, count, losses), failures
 
 
 def _batch_pass(
