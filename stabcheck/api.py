@@ -258,6 +258,8 @@ def _validate_settings(estimator: EstimatorSettings, device: str, dtype: str) ->
             f"--opposing-candidates must be at least 4 and --opposing-groups at least 0, got "
             f"{estimator.opposing_candidates} and {estimator.opposing_groups}."
         )
+    if estimator.loss_dtype not in ("float16", "bfloat16", "float32", "float64"):
+        raise UsageError(f"--loss-dtype {estimator.loss_dtype!r} is unknown; use float16, bfloat16, float32 or float64.")
     if estimator.lmc_points < 3:
         raise UsageError(f"--lmc-points must be at least 3 (both ends and one point between), got {estimator.lmc_points}.")
     if estimator.align not in ("none", "weight-matching"):

@@ -97,6 +97,7 @@ def analyze(
     lmc_points: Annotated[Optional[int], typer.Option(help="Interpolation points from checkpoint A to B, both ends included (default 25).")] = None,
     no_bn_reset: Annotated[bool, typer.Option("--no-bn-reset", help="Keep the interpolated BatchNorm running statistics instead of re-estimating them at each point.")] = False,
     no_lmc_layers: Annotated[bool, typer.Option("--no-lmc-layers", help="Skip the per-module barriers (one interpolation curve per module).")] = False,
+    loss_dtype: Annotated[Optional[str], typer.Option(help="Dtype the training loss runs in, which softmax-collapse's sc_fraction and its gate judge: float16, bfloat16, float32 (default) or float64.")] = None,
     feature_layer: Annotated[Optional[str], typer.Option(help="Module path of the classifier layer whose input is the penultimate feature for neural-collapse (default: the last Linear layer that produces the logits).")] = None,
     align: Annotated[Optional[str], typer.Option(help="Permutation alignment of B's hidden units before interpolation: none (default) or weight-matching.")] = None,
     max_samples: Annotated[Optional[int], typer.Option(help="Analyze the first N examples of the data (default: all).")] = None,
@@ -151,7 +152,7 @@ def analyze(
                 memory_budget=memory_budget, opposing_candidates=opposing_candidates,
                 opposing_groups=opposing_groups, model_mode=model_mode, lmc_points=lmc_points,
                 bn_reset=False if no_bn_reset else None, align=align, lmc_layers=False if no_lmc_layers else None,
-                lmc_consecutive=lmc_consecutive or None, feature_layer=feature_layer,
+                lmc_consecutive=lmc_consecutive or None, feature_layer=feature_layer, loss_dtype=loss_dtype,
             ),
             config_path=config,
             lmc_with=lmc_with,
@@ -233,6 +234,7 @@ def _run(
         align=setting("align", defaults.align),
         lmc_layers=bool(setting("lmc_layers", defaults.lmc_layers)),
         feature_layer=setting("feature_layer", defaults.feature_layer),
+        loss_dtype=setting("loss_dtype", defaults.loss_dtype),
     )
     with _progress(console) as progress:
         return run_analysis(

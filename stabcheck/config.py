@@ -57,6 +57,7 @@ KNOWN_KEYS = {
     "align": str,
     "lmc_consecutive": bool,
     "feature_layer": str,
+    "loss_dtype": str,
     "weight_set": str,
     "gates": dict,
 }

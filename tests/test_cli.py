@@ -126,6 +126,8 @@ def test_missing_learning_rate_is_inconclusive(project, tmp_path):
         (["--memory-budget", "12XB"], "--memory-budget '12XB' is invalid: unknown unit 'xb'"),
         (["--per-example-method", "batched"], "--per-example-method 'batched' is unknown"),
         (["--model-mode", "train"], "--model-mode 'train' is unknown"),
+        (["--loss-dtype", "float8"], "--loss-dtype 'float8' is unknown"),
+        (["--analyzers", "neural-collapse", "--feature-layer", "classifier"], "Linear modules: 0, 2"),
         (
             ["--analyzers", "gradient-coherence", "--model-mode", "train-bn-batch-stats"],
             "per-example gradients are undefined",

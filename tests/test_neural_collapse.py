@@ -9,6 +9,7 @@ from torch import nn
 
 from stabcheck.analyzers.base import EstimatorSettings
 from stabcheck.api import analyze
+from stabcheck.errors import DataError, UsageError
 
 
 def feature_model(classifier_weight, bias=None):
@@ -151,9 +152,8 @@ def test_random_features_match_numpy_reference():
 
 def test_missing_class_is_an_error_naming_it():
     features = np.random.default_rng(0).standard_normal((6, 3))
-    result = run(feature_model(np.eye(4, 3)), features, [0, 0, 1, 1, 3, 3])
-    assert result["status"] == "error"
-    assert "class(es) 2 have no samples" in result["notes"][0]
+    with pytest.raises(DataError, match=r"class\(es\) 2 of the 4 classes have no samples"):
+        run(feature_model(np.eye(4, 3)), features, [0, 0, 1, 1, 3, 3])
 
 
 def test_single_sample_class_is_flagged():
@@ -176,9 +176,8 @@ def test_low_dimension_skips_etf_metrics():
 
 def test_unknown_feature_layer_lists_linear_modules():
     features = np.random.default_rng(0).standard_normal((6, 3))
-    result = run(feature_model(np.eye(3, 3)), features, [0, 0, 1, 1, 2, 2], feature_layer="head")
-    assert result["status"] == "error"
-    assert "Linear modules: 1" in result["notes"][0]
+    with pytest.raises(UsageError, match="Linear modules: 1"):
+        run(feature_model(np.eye(3, 3)), features, [0, 0, 1, 1, 2, 2], feature_layer="head")
 
 
 def test_digits_fixture_nc1_falls_in_terminal_phase():

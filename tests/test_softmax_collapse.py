@@ -19,9 +19,9 @@ def logits_model(logits):
     return model, torch.eye(logits.shape[0], dtype=torch.float64)
 
 
-def run(logits, labels, dtype="float64"):
+def run(logits, labels, dtype="float64", **settings):
     model, inputs = logits_model(logits)
-    report = analyze(model, (inputs, labels), analyzers=["softmax-collapse"], dtype=dtype, estimator=EstimatorSettings())
+    report = analyze(model, (inputs, labels), analyzers=["softmax-collapse"], dtype=dtype, estimator=EstimatorSettings(**settings))
     return report.results[0]["analyzers"]["softmax-collapse"]
 
 
@@ -98,8 +98,11 @@ def test_analyzer_counts_and_headroom():
     result = run(logits, labels)
     metrics = result["metrics"]
     assert metrics["sc_fraction_by_dtype"] == {"float16": 0.6, "bfloat16": 0.8, "float32": 0.4, "float64": 0.2}
-    assert metrics["sc_fraction"] == 0.2
-    assert metrics["zero_loss_fraction"] == 0.2
+    assert metrics["sc_fraction"] == 0.4  # the loss dtype defaults to float32
+    assert metrics["zero_loss_fraction"] == 0.4
+    in_float64 = run(logits, labels, loss_dtype="float64")["metrics"]
+    assert in_float64["sc_fraction"] == 0.2
+    assert in_float64["zero_loss_fraction"] == 0.2
     assert metrics["logit_gap"]["quantiles"]["p50"] == 10.0
     headroom = metrics["headroom_by_dtype"]["float32"]
     assert headroom["min"] == pytest.approx(collapse_margin(torch.float32) - 40.0)

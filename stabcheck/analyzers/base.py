@@ -69,6 +69,8 @@ class EstimatorSettings:
     bn_reset: bool = True
     lmc_layers: bool = True
     align: str = "none"
+    # Softmax collapse: the dtype the training loss runs in, which sc_fraction and the gate judge.
+    loss_dtype: str = "float32"
     # Neural collapse: the classifier layer whose input is the penultimate feature; None finds it.
     feature_layer: str | None = None
 

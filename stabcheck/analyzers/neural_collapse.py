@@ -16,13 +16,14 @@ from torch import nn
 
 from stabcheck.analyzers.base import AnalysisContext, Analyzer, AnalyzerResult, finite_or_none
 from stabcheck.engine.collapse import CollapseAccumulator, collapse_metrics, nearest_class_mean
+from stabcheck.errors import DataError, UsageError
 
 # Examples per forward pass; the running sums keep memory independent of the number of samples.
 FEATURE_BATCH = 1024
 
 
 class FeatureLayerError(ValueError):
-    """The classifier layer cannot be found or is not a module of the model."""
+    """No Linear layer produces the model's output, so the classifier layer is unknown."""
 
 
 class NeuralCollapseAnalyzer(Analyzer):
@@ -79,12 +80,10 @@ class NeuralCollapseAnalyzer(Analyzer):
         counts = torch.bincount(labels, minlength=num_classes)
         missing = [str(c) for c in range(num_classes) if int(counts[c]) == 0]
         if missing:
-            return AnalyzerResult(
-                status="error",
-                notes=(
-                    f"class(es) {', '.join(missing)} have no samples in the analysis set, so their means are "
-                    "undefined; raise --max-samples or check the labels",
-                ),
+            raise DataError(
+                f"neural-collapse: class(es) {', '.join(missing)} of the {num_classes} classes have no samples "
+                "in the analysis set, so their means are undefined. Check the labels the data spec returns "
+                "(and --max-samples, if set), or leave neural-collapse out of --analyzers."
             )
 
         accumulator = None
@@ -150,7 +149,7 @@ def _classifier(context: AnalysisContext) -> tuple[str, nn.Module, str]:
     if requested:
         if requested not in modules:
             linear = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
-            raise FeatureLayerError(
+            raise UsageError(
                 f"--feature-layer {requested!r} is not a module of the model; Linear modules: {', '.join(linear) or 'none'}"
             )
         return requested, modules[requested], "named with --feature-layer"

@@ -43,12 +43,12 @@ class SoftmaxCollapseAnalyzer(Analyzer):
     structured_metrics = ("sc_fraction_by_dtype", "logit_gap", "headroom_by_dtype", "nlm_alignment")
     interpretation = {
         "sc_fraction": (
-            "Share of analyzed samples whose softmax is exactly one-hot in the analysis dtype, so their loss "
-            "and gradient are exactly 0 and they no longer train. Above a few percent, learning from those "
-            "samples has stopped (Prieto et al. 2025)."
+            "Share of analyzed samples whose softmax is exactly one-hot in the dtype of the training loss "
+            "(--loss-dtype, default float32), so their loss and gradient are exactly 0 and they no longer "
+            "train (Prieto et al. 2025)."
         ),
         "sc_fraction_by_dtype": "The same share if the loss ran in float16, bfloat16, float32 or float64, from the same logits.",
-        "zero_loss_fraction": "Share of per-sample losses that are exactly 0 in the analysis dtype.",
+        "zero_loss_fraction": "Share of per-sample cross-entropy losses that are exactly 0 in the loss dtype.",
         "logit_gap": "Distribution of the margin between each sample's two largest logits (quantiles).",
         "headroom_by_dtype": (
             "How far each sample's top-two margin is below the margin at which a dtype collapses "
@@ -83,22 +83,30 @@ class SoftmaxCollapseAnalyzer(Analyzer):
             return AnalyzerResult.skipped(
                 f"softmax-collapse needs logits shaped [samples, classes], and the model returns {tuple(logits.shape)}"
             )
-        dtype_name = str(objective.dtype).removeprefix("torch.")
+        loss_dtype = context.estimator.loss_dtype
         by_dtype = {name: float(collapsed(logits, dtype).double().mean()) for name, dtype in DTYPES.items()}
         labels = context.data.labels.to(logits.device)
-        losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+        losses = torch.nn.functional.cross_entropy(logits.to(DTYPES[loss_dtype]), labels, reduction="none")
         margins = top_two_margin(logits)
 
         notes: list[str] = []
         if context.objective.loss_fn is not cross_entropy_per_example:
             notes.append("the loss is a custom spec; the collapse counts assume that it applies a softmax to these outputs")
-        sc_fraction = by_dtype[dtype_name]
+        sc_fraction = by_dtype[loss_dtype]
         if sc_fraction >= MATERIAL_SHARE:
+            remedies = ["StableMax in place of softmax", "the orthogonal-gradient optimizer, which removes the gradient's component along the weights"]
+            if loss_dtype != "float64":
+                remedies.insert(0, "computing the loss in float64")
             notes.append(
-                f"softmax collapse is material (at least {MATERIAL_SHARE:.0%} of the samples in {dtype_name}). "
-                "Remedies that Prieto et al. (2025) describe, listed for information and not tested on this "
-                "run: computing the loss in float64, StableMax in place of softmax, and the orthogonal-gradient "
-                "optimizer, which removes the gradient's component along the weights"
+                f"softmax collapse is material (at least {MATERIAL_SHARE:.0%} of the samples in the loss dtype "
+                f"{loss_dtype}). Remedies that Prieto et al. (2025) describe, listed for information and not tested "
+                f"on this run: {'; '.join(remedies)}"
+            )
+        analysis_dtype = str(objective.dtype).removeprefix("torch.")
+        if DTYPES[loss_dtype].is_floating_point and torch.finfo(DTYPES[loss_dtype]).bits > torch.finfo(objective.dtype).bits:
+            notes.append(
+                f"the logits come from a {analysis_dtype} forward pass and are cast to the loss dtype {loss_dtype}; "
+                f"run with --dtype {loss_dtype} to compute them at that precision"
             )
         alignment, per_layer = _nlm_alignment(context)
         metrics = {
@@ -112,7 +120,8 @@ class SoftmaxCollapseAnalyzer(Analyzer):
         if alignment is None:
             notes.append("the full-batch gradient or the weights are zero, so nlm_alignment is undefined")
         diagnostics = {
-            "dtype": dtype_name,
+            "loss_dtype": loss_dtype,
+            "analysis_dtype": analysis_dtype,
             "num_samples": int(logits.shape[0]),
             "num_classes": int(logits.shape[1]),
             "collapse_margin_by_dtype": {name: collapse_margin(dtype) for name, dtype in DTYPES.items()},
