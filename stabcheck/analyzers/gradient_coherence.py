@@ -262,28 +262,28 @@ def _opposing_signals(
     sq_norms = sums.sq_norms.cpu()
     # Opposing signals are outliers: only examples with an above-average squared norm qualify.
     above_mean = int((sq_norms > 0).logical_and(sq_norms >= sq_norms.mean()).sum())
-    wanted = min(settings.opposing_candidates, above_mean)
+    requested = min(settings.opposing_candidates, above_mean)
     if sums.single_chunk is not None:
-        fits = wanted  # the Gram matrix comes from the chunk already in memory
+        fits = requested  # the Gram matrix comes from the chunk already in memory
     else:
         _, fixed = estimate_memory(objective, plan)
         fits = max(0, int((budget - fixed) // max(gram_bytes_per_example(objective, plan), 1)))
-    count = min(wanted, fits)
+    count = min(requested, fits)
 
     result: dict[str, Any] = {"num_candidates": count, "pairs": []}
     if count < MIN_CANDIDATES:
         result["num_candidates"] = 0
         result["skipped"] = (
             f"the search for opposing groups did not run: it needs {MIN_CANDIDATES} candidates, and "
-            f"{wanted} example(s) have an above-average gradient norm, of which {count} fit in the "
+            f"{requested} example(s) have an above-average gradient norm, of which {count} fit in the "
             f"memory budget of {format_bytes(budget)}"
         )
         notes.append(result["skipped"])
         return result
-    if count < wanted:
+    if count < requested:
         notes.append(
             f"the opposing-signal search used the top {count} examples by gradient norm, not "
-            f"{wanted}, to stay within the memory budget of {format_bytes(budget)}"
+            f"{requested}, to stay within the memory budget of {format_bytes(budget)}"
         )
 
     candidates = torch.argsort(sq_norms, descending=True, stable=True)[:count]

@@ -222,9 +222,11 @@ def _aligned(context: AnalysisContext, state_a, state_b, alphas, curve, points, 
     except UnsupportedArchitecture as error:
         notes.append(f"alignment skipped: {error}")
         return {"method": "weight-matching", "skipped": str(error)}
+
     permutations, sweeps = weight_matching(state_a, state_b, spec, seed=context.seed)
     aligned_b = apply_permutations(state_b, spec, permutations)
     aligned_points = curve(aligned_b)
+
     change = abs(aligned_points[-1].loss - points[-1].loss)
     if change > FUNCTION_CHANGE_RTOL * max(abs(points[-1].loss), 1e-12):
         reason = (
@@ -233,6 +235,7 @@ def _aligned(context: AnalysisContext, state_a, state_b, alphas, curve, points, 
         )
         notes.append(f"alignment skipped: {reason}")
         return {"method": "weight-matching", "skipped": reason}
+
     barrier, accuracy_barrier = _barriers(alphas, aligned_points)
     moved = [int((perm != np.arange(len(perm))).sum()) for perm in permutations]
     accuracy_text = "" if accuracy_barrier is None else f", accuracy_barrier {accuracy_barrier:.4g}"

@@ -31,7 +31,7 @@ class MemoryBudgetExceeded(Exception):
 
 
 def free_memory(device: torch.device) -> int | None:
-    """Return the bytes free on ``device`` now, or None when the system does not say."""
+    """Return the bytes free on ``device`` now, or None when the system does not report them."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
@@ -90,7 +90,7 @@ def parse_size(text: str) -> int:
 def saved_tensor_meter(exclude: Iterable[torch.Tensor] = ()) -> Iterator[list[int]]:
     """Count the bytes that autograd saves for backward inside the block.
 
-    Yields a one-element list that holds the running total. A storage saved by several
+    Yields a one-element list that contains the running total. A storage saved by several
     operations counts once, and the storages of ``exclude`` (parameters, buffers) not at all.
     """
     total = [0]
