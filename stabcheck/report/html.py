@@ -11,14 +11,13 @@ from collections.abc import Callable
 from html import escape
 from typing import Any
 
-from stabcheck.analyzers.registry import ANALYZERS
 from stabcheck.report import plots
 from stabcheck.report.html_coherence import coherence_section
 from stabcheck.report.html_lmc import lmc_section
 from stabcheck.report.html_neural import neural_collapse_section
+from stabcheck.report.html_parts import analyzer_entries, section_heading
 from stabcheck.report.html_parts import badge as _badge
 from stabcheck.report.html_parts import cell as _cell
-from stabcheck.report.html_parts import interpretation as _interpretation
 from stabcheck.report.html_parts import metrics_table as _metrics_table
 from stabcheck.report.html_parts import notes_list as _notes
 from stabcheck.report.html_parts import number_cell as _num
@@ -92,9 +91,8 @@ def _gates_section(report: Report) -> str:
 
 
 def _sharpness_section(report: Report, analyzer_id: str) -> str:
-    analyzer = ANALYZERS[analyzer_id]
-    parts = [f"<section><h2>{escape(analyzer.title)} <small>({escape(analyzer_id)})</small></h2>", _interpretation(analyzer_id)]
-    entries = [(e["checkpoint"], e["analyzers"][analyzer_id]) for e in report.results if analyzer_id in e["analyzers"]]
+    parts = section_heading(analyzer_id)
+    entries = analyzer_entries(report, analyzer_id)
 
     if len(entries) > 1:
         has_steps = all(report.checkpoints[index].get("step") is not None for index, _ in entries)
@@ -160,8 +158,7 @@ def _sharpness_section(report: Report, analyzer_id: str) -> str:
 
 
 def _hessian_trace_section(report: Report, analyzer_id: str) -> str:
-    analyzer = ANALYZERS[analyzer_id]
-    parts = [f"<section><h2>{escape(analyzer.title)} <small>({escape(analyzer_id)})</small></h2>", _interpretation(analyzer_id)]
+    parts = section_heading(analyzer_id)
     entries = [(e["checkpoint"], e["analyzers"][analyzer_id], e["analyzers"].get("sharpness")) for e in report.results if analyzer_id in e["analyzers"]]
     if len(entries) > 1:
         has_steps = all(report.checkpoints[index].get("step") is not None for index, _, _ in entries)
@@ -268,9 +265,7 @@ def _trajectory_table(report: Report) -> str:
 
 
 def _generic_section(report: Report, analyzer_id: str) -> str:
-    analyzer = ANALYZERS.get(analyzer_id)
-    title = analyzer.title if analyzer else analyzer_id
-    parts = [f"<section><h2>{escape(title)} <small>({escape(analyzer_id)})</small></h2>", _interpretation(analyzer_id)]
+    parts = section_heading(analyzer_id)
     for entry in report.results:
         result = entry["analyzers"].get(analyzer_id)
         if result is None:

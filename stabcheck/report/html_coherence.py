@@ -7,15 +7,15 @@ from html import escape
 from typing import Any
 
 from stabcheck.analyzers.opposing_signals import OPPOSITION_COSINE
-from stabcheck.analyzers.registry import ANALYZERS
 from stabcheck.report import plots
 from stabcheck.report.html_parts import (
+    analyzer_entries,
     badge,
     cell,
-    interpretation,
     metrics_table,
     notes_list,
     number_cell,
+    section_heading,
     step_axis,
     table,
 )
@@ -27,9 +27,8 @@ SHOWN_INDICES = 20
 
 
 def coherence_section(report: Report, analyzer_id: str) -> str:
-    analyzer = ANALYZERS[analyzer_id]
-    parts = [f"<section><h2>{escape(analyzer.title)} <small>({escape(analyzer_id)})</small></h2>", interpretation(analyzer_id)]
-    entries = [(e["checkpoint"], e["analyzers"][analyzer_id]) for e in report.results if analyzer_id in e["analyzers"]]
+    parts = section_heading(analyzer_id)
+    entries = analyzer_entries(report, analyzer_id)
     if len(entries) > 1:
         steps, xlabel = step_axis(report, [index for index, _ in entries])
         uri = plots.trajectory_plot(

@@ -5,15 +5,14 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
-from stabcheck.analyzers.registry import ANALYZERS
 from stabcheck.report import plots
 from stabcheck.report.html_parts import (
     badge,
     cell,
-    interpretation,
     metrics_table,
     notes_list,
     number_cell,
+    section_heading,
     table,
 )
 from stabcheck.report.model import Report
@@ -21,8 +20,7 @@ from stabcheck.report.terminal import checkpoint_label
 
 
 def lmc_section(report: Report, analyzer_id: str) -> str:
-    analyzer = ANALYZERS[analyzer_id]
-    parts = [f"<section><h2>{escape(analyzer.title)} <small>({escape(analyzer_id)})</small></h2>", interpretation(analyzer_id)]
+    parts = section_heading(analyzer_id)
     for entry in report.results:
         result = entry["analyzers"].get(analyzer_id)
         if result is None:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from html import escape
 
-from stabcheck.analyzers.registry import ANALYZERS
 from stabcheck.report import plots
 from stabcheck.report.html_parts import (
+    analyzer_entries,
     badge,
     cell,
-    interpretation,
     metrics_table,
     notes_list,
     number_cell,
+    section_heading,
     step_axis,
     table,
 )
@@ -21,9 +21,8 @@ from stabcheck.report.terminal import checkpoint_label
 
 
 def neural_collapse_section(report: Report, analyzer_id: str) -> str:
-    analyzer = ANALYZERS[analyzer_id]
-    parts = [f"<section><h2>{escape(analyzer.title)} <small>({escape(analyzer_id)})</small></h2>", interpretation(analyzer_id)]
-    entries = [(e["checkpoint"], e["analyzers"][analyzer_id]) for e in report.results if analyzer_id in e["analyzers"]]
+    parts = section_heading(analyzer_id)
+    entries = analyzer_entries(report, analyzer_id)
     measured = [(index, result) for index, result in entries if result["metrics"]]
     if len(measured) > 1:
         steps, xlabel = step_axis(report, [index for index, _ in measured])

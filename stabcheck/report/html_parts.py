@@ -59,3 +59,15 @@ def step_axis(report: Any, indices: list[int]) -> tuple[list[Any], str]:
     if all(report.checkpoints[index].get("step") is not None for index in indices):
         return [report.checkpoints[index]["step"] for index in indices], "training step"
     return list(indices), "checkpoint"
+
+
+def section_heading(analyzer_id: str) -> list[str]:
+    """Return the opening parts of an analyzer's section: its title and what its metrics mean."""
+    analyzer = ANALYZERS.get(analyzer_id)
+    title = analyzer.title if analyzer else analyzer_id
+    return [f"<section><h2>{escape(title)} <small>({escape(analyzer_id)})</small></h2>", interpretation(analyzer_id)]
+
+
+def analyzer_entries(report: Any, analyzer_id: str) -> list[tuple[int, dict[str, Any]]]:
+    """Return (checkpoint index, result) for every checkpoint the analyzer ran on."""
+    return [(e["checkpoint"], e["analyzers"][analyzer_id]) for e in report.results if analyzer_id in e["analyzers"]]
