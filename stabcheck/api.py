@@ -122,7 +122,8 @@ def analyze(
     }
     chosen = resolve_analyzers(list(analyzers) if analyzers else None)
     _validate_model_mode(model_mode, list(analyzers or ()))
-    chosen = _check_lmc_request(chosen, list(analyzers or ()), lmc_with, lmc_consecutive, len(expand_checkpoint_paths(checkpoints)))
+    checkpoint_paths = expand_checkpoint_paths(checkpoints)
+    chosen = _check_lmc_request(chosen, list(analyzers or ()), lmc_with, lmc_consecutive, len(checkpoint_paths))
     gate_table = parse_gates(gates)
     provenance = dict(provenance or {})
     progress = progress or (lambda label: None)
@@ -131,7 +132,7 @@ def analyze(
     analysis_set = materialize(data, max_samples=max_samples, spec=provenance.get("data_spec", "data"))
     memory_budget = estimator.memory_budget or default_budget(torch.device(device))
     run_notes: list[str] = []
-    ordered = _order_checkpoints(expand_checkpoint_paths(checkpoints), trust_checkpoint, weight_set, run_notes)
+    ordered = _order_checkpoints(checkpoint_paths, trust_checkpoint, weight_set, run_notes)
 
     checkpoint_entries: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []

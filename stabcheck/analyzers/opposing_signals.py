@@ -61,8 +61,8 @@ def find_opposing_pairs(gram: torch.Tensor, max_pairs: int) -> list[OpposingPair
         if pair is None:
             break
         pairs.append(pair)
-        taken = torch.cat([pair.first, pair.second])
-        remaining = remaining[~torch.isin(remaining, taken)]
+        members = torch.cat([pair.first, pair.second])
+        remaining = remaining[~torch.isin(remaining, members)]
     return pairs
 
 

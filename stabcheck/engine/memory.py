@@ -21,9 +21,9 @@ FALLBACK_BUDGET = 4 * 1024**3
 class MemoryBudgetExceeded(Exception):
     """The smallest unit of work needs more memory than the budget allows."""
 
-    def __init__(self, needed: int, budget: int, what: str) -> None:
+    def __init__(self, needed: int, budget: int, subject: str) -> None:
         super().__init__(
-            f"{what} need about {format_bytes(needed)}, more than the memory budget of "
+            f"{subject} need about {format_bytes(needed)}, more than the memory budget of "
             f"{format_bytes(budget)}; raise --memory-budget or analyze a smaller model."
         )
         self.needed = needed

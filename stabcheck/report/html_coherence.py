@@ -22,7 +22,7 @@ from stabcheck.report.html_parts import (
 from stabcheck.report.model import Report
 from stabcheck.report.terminal import checkpoint_label
 
-# Example indices shown per group in the HTML table; the JSON report lists more.
+# Example indices listed per group in the HTML table; the JSON report lists more.
 SHOWN_INDICES = 20
 
 
@@ -126,9 +126,9 @@ def _opposing(opposing: dict[str, Any] | None) -> str:
     rows = []
     for pair in opposing["pairs"]:
         for side, group in zip(("A", "B"), pair["groups"]):
-            shown = ", ".join(str(i) for i in group["indices"][:SHOWN_INDICES])
+            listed = ", ".join(str(i) for i in group["indices"][:SHOWN_INDICES])
             if group["size"] > SHOWN_INDICES:
-                shown += f", ... ({group['size'] - SHOWN_INDICES} more)"
+                listed += f", ... ({group['size'] - SHOWN_INDICES} more)"
             classes = ", ".join(f"{name}: {count}" for name, count in (group.get("classes") or {}).items())
             rows.append(
                 [
@@ -139,7 +139,7 @@ def _opposing(opposing: dict[str, Any] | None) -> str:
                     number_cell(group["mean_gradient_norm"]),
                     number_cell(group["within_cosine"]),
                     cell(classes),
-                    f'<td class="indices">{escape(shown)}</td>',
+                    f'<td class="indices">{escape(listed)}</td>',
                 ]
             )
     headers = ["group", "cosine A vs B", "share of sum |g_i|^2", "size", "mean |g_i|", "mean cosine within", "classes", "example indices"]
