@@ -95,6 +95,10 @@ def analyze(
     provenance: Mapping[str, Any] | None = None,
     lmc_with: str | Path | None = None,
     lmc_consecutive: bool = False,
+    step: int | None = None,
+    optimizer_state: Mapping[str, Any] | None = None,
+    strict: bool = False,
+    baseline: str | Path | Mapping[str, Any] | None = None,
 ) -> Report:
     """Run the chosen analyzers on ``model`` at each checkpoint (or at its current weights).
 
@@ -107,8 +111,9 @@ def analyze(
     (BatchNorm statistics of the whole analysis set; dropout stays off).
     ``lmc_with`` names the second endpoint of the lmc analyzer for every checkpoint;
     ``lmc_consecutive`` pairs each checkpoint of a trajectory with the next one instead.
-    ``gates`` is a table such as
-    ``{"sharpness.edge_ratio": {"warn": 0.9, "fail": 1.2}}`` merged over the defaults.
+    ``step`` labels the in-memory model's training step when no checkpoint is given, and
+    ``optimizer_state`` (a torch optimizer's ``state_dict()``) supplies its optimizer settings.
+    ``gates``, ``strict`` and ``baseline`` are passed to :func:`judge`.
     """
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     estimator = estimator or EstimatorSettings()
@@ -124,7 +129,7 @@ def analyze(
     _validate_model_mode(model_mode, list(analyzers or ()))
     checkpoint_paths = expand_checkpoint_paths(checkpoints)
     chosen = _check_lmc_request(chosen, list(analyzers or ()), lmc_with, lmc_consecutive, len(checkpoint_paths))
-    gate_table = parse_gates(gates)
+    parse_gates(gates)  # reject a bad gate table before the analysis starts
     provenance = dict(provenance or {})
     progress = progress or (lambda label: None)
     loss_fn = builtin_loss(loss) if isinstance(loss, str) else loss
@@ -143,6 +148,9 @@ def analyze(
         fixed_partner = _prepare_partner(model, Path(lmc_with), trust_checkpoint, weight_set)
     for index, path in enumerate(targets):
         analyzed_model, entry = _prepare_model(model, path, trust_checkpoint, weight_set)
+        if path is None:
+            entry["step"] = step
+            entry["_optimizer_state"] = optimizer_state
         partner = fixed_partner
         if lmc_consecutive and index + 1 < len(targets):
             partner = _prepare_partner(model, targets[index + 1], trust_checkpoint, weight_set)
@@ -175,8 +183,6 @@ def analyze(
             }
         )
 
-    user_gates = frozenset((gates or {}).keys())
-    findings = evaluate_gates(gate_table, [r["analyzers"] for r in results], user_gate_names=user_gates)
     first_settings = settings_per_checkpoint[0]
     report = Report(
         tool={"name": "stabcheck", "version": __version__},
@@ -211,11 +217,28 @@ def analyze(
         training=first_settings.to_json(),
         estimator=estimator.to_json(),
         results=results,
-        gates=[finding.to_json() for finding in findings],
-        exit_code=exit_code_for(findings),
         notes=run_notes + [note for settings in settings_per_checkpoint[:1] for note in settings.notes],
     )
-    return report
+    return judge(report, gates=gates, strict=strict, baseline=baseline)
+
+
+def judge(
+    report: Report,
+    *,
+    gates: Mapping[str, Any] | None = None,
+    strict: bool = False,
+    baseline: str | Path | Mapping[str, Any] | None = None,
+) -> Report:
+    """Judge ``report.results`` against the gates (and a baseline report) and set the exit code.
+
+    ``gates`` is a table such as ``{"sharpness.edge_ratio": {"warn": 0.9, "fail": 1.2}}`` merged
+    over the defaults metric by metric. ``strict`` counts warnings as failures. Returns a new
+    report; the one passed in is not changed, so a trajectory can be judged again as it grows.
+    """
+    gate_table = parse_gates(gates)
+    user_gates = frozenset((gates or {}).keys())
+    findings = evaluate_gates(gate_table, [r["analyzers"] for r in report.results], user_gate_names=user_gates, strict=strict)
+    return replace(report, gates=[finding.to_json() for finding in findings], exit_code=exit_code_for(findings))
 
 
 def _validate_settings(estimator: EstimatorSettings, device: str, dtype: str) -> None:

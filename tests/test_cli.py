@@ -349,7 +349,7 @@ def test_version_flag():
     ("table", "message"),
     [
         ('"sharpness.top_eigenvalues" = { fail = 0.5 }', "top_eigenvalues is a list, and gates compare single numbers"),
-        ('"sharpness.edge_ratio" = { warn = 1.5, fail = 1.0 }', "warn 1.5 is above fail 1.0"),
+        ('"sharpness.edge_ratio" = { warn = 1.5, fail = 1.0 }', "warn 1.5 is above fail 1,"),
     ],
 )
 def test_invalid_gates_exit_2(project, tmp_path, table, message):
