@@ -37,7 +37,8 @@ from stabcheck.engine.objective import (
 from stabcheck.engine.per_example import METHODS as PER_EXAMPLE_METHODS
 from stabcheck.engine.trace import MIN_SEQUENTIAL_PROBES
 from stabcheck.errors import CheckpointError, StabcheckError, UsageError
-from stabcheck.gates import evaluate_gates, exit_code_for, parse_gates
+from stabcheck.baseline import Baseline, compare_with_baseline, load_baseline
+from stabcheck.gates import EXIT_FAIL, evaluate_gates, exit_code_for, parse_gates
 from stabcheck.loading.checkpoint import Checkpoint, load_checkpoint, match_weights
 from stabcheck.loading.data import AnalysisSet, materialize
 from stabcheck.loading.optimizer import (
@@ -98,7 +99,7 @@ def analyze(
     step: int | None = None,
     optimizer_state: Mapping[str, Any] | None = None,
     strict: bool = False,
-    baseline: str | Path | Mapping[str, Any] | None = None,
+    baseline: str | Path | Baseline | None = None,
 ) -> Report:
     """Run the chosen analyzers on ``model`` at each checkpoint (or at its current weights).
 
@@ -113,7 +114,9 @@ def analyze(
     ``lmc_consecutive`` pairs each checkpoint of a trajectory with the next one instead.
     ``step`` labels the in-memory model's training step when no checkpoint is given, and
     ``optimizer_state`` (a torch optimizer's ``state_dict()``) supplies its optimizer settings.
-    ``gates``, ``strict`` and ``baseline`` are passed to :func:`judge`.
+    ``gates``, ``strict`` and ``baseline`` (a previous JSON report's path, or a
+    :class:`~stabcheck.baseline.Baseline` from :func:`~stabcheck.baseline.load_baseline` to set
+    tolerances) are passed to :func:`judge`.
     """
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     estimator = estimator or EstimatorSettings()
@@ -129,7 +132,9 @@ def analyze(
     _validate_model_mode(model_mode, list(analyzers or ()))
     checkpoint_paths = expand_checkpoint_paths(checkpoints)
     chosen = _check_lmc_request(chosen, list(analyzers or ()), lmc_with, lmc_consecutive, len(checkpoint_paths))
-    parse_gates(gates)  # reject a bad gate table before the analysis starts
+    parse_gates(gates)  # reject a bad gate table or baseline before the analysis starts
+    if baseline is not None and not isinstance(baseline, Baseline):
+        baseline = load_baseline(baseline)
     provenance = dict(provenance or {})
     progress = progress or (lambda label: None)
     loss_fn = builtin_loss(loss) if isinstance(loss, str) else loss
@@ -196,6 +201,8 @@ def analyze(
             "python_version": platform.python_version(),
             "host": socket.gethostname(),
             "platform": platform.platform(),
+            "library_versions": _library_versions(),
+            "config": provenance.get("config"),
             "memory_budget_bytes": memory_budget,
             "memory_budget_source": "option" if estimator.memory_budget else "half of the free memory",
         },
@@ -227,18 +234,52 @@ def judge(
     *,
     gates: Mapping[str, Any] | None = None,
     strict: bool = False,
-    baseline: str | Path | Mapping[str, Any] | None = None,
+    baseline: str | Path | Baseline | None = None,
 ) -> Report:
     """Judge ``report.results`` against the gates (and a baseline report) and set the exit code.
 
     ``gates`` is a table such as ``{"sharpness.edge_ratio": {"warn": 0.9, "fail": 1.2}}`` merged
-    over the defaults metric by metric. ``strict`` counts warnings as failures. Returns a new
-    report; the one passed in is not changed, so a trajectory can be judged again as it grows.
+    over the defaults metric by metric; ``False`` for a metric switches its default gate off.
+    ``strict`` counts warnings as failures. A regression against ``baseline`` fails the run like
+    a failed gate. Returns a new report; the one passed in is not changed, so a trajectory can be
+    judged again as it grows.
     """
     gate_table = parse_gates(gates)
-    user_gates = frozenset((gates or {}).keys())
+    user_gates = frozenset(name for name, bounds in (gates or {}).items() if bounds is not False)
     findings = evaluate_gates(gate_table, [r["analyzers"] for r in report.results], user_gate_names=user_gates, strict=strict)
-    return replace(report, gates=[finding.to_json() for finding in findings], exit_code=exit_code_for(findings))
+    exit_code = exit_code_for(findings)
+    comparison = None
+    if baseline is not None:
+        if not isinstance(baseline, Baseline):
+            baseline = load_baseline(baseline)
+        comparison = compare_with_baseline(
+            report.checkpoints, report.results, {"model": report.model, "data": report.data, "run": report.run}, baseline
+        )
+        if any(entry["status"] == "fail" for entry in comparison["comparisons"]):
+            exit_code = EXIT_FAIL
+    return replace(
+        report,
+        gates=[finding.to_json() for finding in findings],
+        exit_code=exit_code,
+        baseline=comparison,
+        strict=strict,
+    )
+
+
+REPORTED_LIBRARIES = ("numpy", "scipy", "pandas", "matplotlib", "rich", "typer", "safetensors")
+
+
+def _library_versions() -> dict[str, str]:
+    """Versions of the libraries whose code shapes the numbers or the reports, for provenance."""
+    from importlib import metadata
+
+    versions = {}
+    for name in REPORTED_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
 
 
 def _validate_settings(estimator: EstimatorSettings, device: str, dtype: str) -> None:

@@ -128,6 +128,11 @@ def analyze(
     memory_budget: Annotated[Optional[str], typer.Option(help="Memory the per-example gradient statistics may use, e.g. 8GB or 512MiB (default: half of the free memory).")] = None,
     opposing_candidates: Annotated[Optional[int], typer.Option(help="Examples with the largest gradient norms searched for opposing groups (default 128).")] = None,
     opposing_groups: Annotated[Optional[int], typer.Option(help="Most pairs of opposing groups to report (default 3; 0 skips the search).")] = None,
+    gate: Annotated[Optional[list[str]], typer.Option(help="Fail the run when a metric passes a bound, e.g. 'sharpness.edge_ratio<=1.2' (fails above 1.2) or 'gradient-coherence.m_coherence>=1' (fails below 1); 'NAME=off' switches a gate off. Repeatable; replaces that metric's gate from the config file or the defaults.")] = None,
+    gate_warn: Annotated[Optional[list[str]], typer.Option(help="Warn when a metric passes a bound, in the same form as --gate. Repeatable.")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Count warnings as failures (exit code 1).")] = False,
+    baseline: Annotated[Optional[Path], typer.Option(help="JSON report of an earlier run: fail when a metric got worse than there by more than the tolerance.")] = None,
+    baseline_tolerance: Annotated[Optional[float], typer.Option(help="Relative change allowed against --baseline before a metric counts as a regression (default 0.1, i.e. 10%).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print no terminal summary or progress.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details to stderr.")] = False,
 ) -> None:
@@ -158,6 +163,10 @@ def analyze(
             lmc_with=lmc_with,
             trust_checkpoint=trust_checkpoint,
             console=console,
+            gate_options=(gate or [], gate_warn or []),
+            strict=strict,
+            baseline=baseline,
+            baseline_tolerance=baseline_tolerance,
         )
         _write_outputs(report, json_path=json_path, html=html, junit=junit, markdown=markdown, csv=csv)
     except StabcheckError as error:
@@ -172,16 +181,33 @@ def analyze(
 
 def _run(
     *, checkpoints: list[Path], options: dict[str, Any], config_path: Path | None, lmc_with: Path | None,
-    trust_checkpoint: bool, console: Console,
+    trust_checkpoint: bool, console: Console, gate_options: tuple[list[str], list[str]], strict: bool,
+    baseline: Path | None, baseline_tolerance: float | None,
 ):
     # Heavy imports happen here so that --help and --version stay fast.
     from stabcheck.analyzers.base import EstimatorSettings
     from stabcheck.api import analyze as run_analysis
+    from stabcheck.baseline import load_baseline
     from stabcheck.config import load_config
     from stabcheck.engine.objective import BUILTIN_LOSSES
+    from stabcheck.gates import gates_from_options, merge_gate_tables, parse_gates
     from stabcheck.loading.specs import build_model, load_data_object, parse_kwargs, resolve_callable
 
     file_config = load_config(config_path)
+    # Gates and the baseline are checked before any model or data is built, so a typo in a
+    # gate name costs nothing.
+    gates = merge_gate_tables(file_config.get("gates"), gates_from_options(*gate_options))
+    parse_gates(gates)
+    baseline_path = baseline
+    if baseline_path is None and file_config.get("baseline") is not None:
+        baseline_path = file_config.resolve_path(file_config.get("baseline"))
+    loaded_baseline = None
+    if baseline_path is not None:
+        loaded_baseline = load_baseline(
+            baseline_path,
+            tolerance=baseline_tolerance if baseline_tolerance is not None else file_config.get("baseline_tolerance"),
+            tolerances=file_config.get("baseline_tolerances"),
+        )
 
     def setting(key: str, default: Any = None) -> Any:
         value = options.get(key)
@@ -254,7 +280,9 @@ def _run(
             dtype=setting("dtype", "float32"),
             model_mode=setting("model_mode", "eval"),
             estimator=estimator,
-            gates=setting("gates"),
+            gates=gates,
+            strict=strict or bool(file_config.get("strict", False)),
+            baseline=loaded_baseline,
             trust_checkpoint=trust_checkpoint,
             weight_set=setting("weight_set"),
             lmc_with=lmc_with,
@@ -317,34 +345,14 @@ class _progress:
 def _write_outputs(
     report, *, json_path: str | None, html: Path | None, junit: Path | None, markdown: Path | None, csv: Path | None
 ) -> None:
-    """Render every requested report first, then write each atomically, so a failed render writes nothing."""
-    from stabcheck.report.files import atomic_write_text
-    from stabcheck.report.html import render_html
-    from stabcheck.report.json import render_json
-    from stabcheck.report.junit import render_junit
-    from stabcheck.report.markdown import render_markdown
-    from stabcheck.report.table import render_csv
+    from stabcheck.report.files import write_reports
 
-    rendered: list[tuple[Path | None, str]] = []
-    if json_path is not None:
-        rendered.append((None if json_path == "-" else Path(json_path), render_json(report)))
-    if html is not None:
-        rendered.append((html, render_html(report)))
-    if junit is not None:
-        rendered.append((junit, render_junit(report)))
-    if markdown is not None:
-        rendered.append((markdown, render_markdown(report)))
-    if csv is not None:
-        rendered.append((csv, render_csv(report)))
-    for path, _ in rendered:
-        if path is not None and path.is_dir():
-            raise UsageError(f"cannot write report to {path}: it is a directory. Pass a file path.")
-    for path, text in rendered:
-        if path is None:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-        else:
-            atomic_write_text(path, text)
+    write_reports(
+        report,
+        json=None if json_path in (None, "-") else Path(json_path),
+        html=html, junit=junit, markdown=markdown, csv=csv,
+        json_to_stdout=json_path == "-",
+    )
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Loading ``stabcheck.toml`` or ``[tool.stabcheck]`` in ``pyproject.toml``.
 
-Keys mirror the command-line options with underscores (``max_samples``, ``model_kwargs``), and a
-``gates`` table contains thresholds. Relative paths in specs are resolved against the config
+Keys mirror the command-line options with underscores (``max_samples``, ``model_kwargs``), a
+``gates`` table contains thresholds and a ``baseline_tolerances`` table per-metric tolerances. Relative paths in specs are resolved against the config
 file's folder. Options given on the command line override the file.
 """
 
@@ -60,6 +60,10 @@ KNOWN_KEYS = {
     "loss_dtype": str,
     "weight_set": str,
     "gates": dict,
+    "strict": bool,
+    "baseline": str,
+    "baseline_tolerance": (int, float),
+    "baseline_tolerances": dict,
 }
 
 
@@ -76,6 +80,11 @@ class FileConfig:
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.values.get(key, default)
+
+    def resolve_path(self, value: str) -> Path:
+        """A relative path from the file is relative to the file's folder."""
+        path = Path(value)
+        return path if path.is_absolute() or self.base_dir is None else self.base_dir / path
 
 
 def load_config(explicit: Path | None, cwd: Path | None = None) -> FileConfig:

@@ -27,13 +27,16 @@ DIRECTIONS = ("above", "below")
 
 @dataclass(frozen=True)
 class Gate:
-    """A threshold on one metric. ``direction`` says which way is bad: the gate fires when the
-    value goes ``above`` its bounds (the default) or ``below`` them."""
+    """A threshold on one metric. The gate fires when the value goes ``above`` its bounds (the
+    default ``direction``) or, for a metric that must stay high, ``below`` them."""
 
     name: str
     warn: float | None
     fail: float | None
     direction: str = "above"
+    # A gate on a metric that some tasks leave undefined by design (an accuracy without class
+    # labels) is left out where the value is null, instead of making the run inconclusive.
+    skip_undefined: bool = False
 
     @property
     def analyzer_id(self) -> str:
@@ -62,7 +65,7 @@ DEFAULT_GATES: dict[str, Gate] = {
     # Frankle et al. (2020) call two networks linearly connected when the error on the segment
     # between them rises by less than 2 points. A larger barrier is a finding about the pair, not a
     # broken run, so it only warns.
-    "lmc.accuracy_barrier": Gate("lmc.accuracy_barrier", warn=0.02, fail=None),
+    "lmc.accuracy_barrier": Gate("lmc.accuracy_barrier", warn=0.02, fail=None, skip_undefined=True),
 }
 
 
@@ -247,6 +250,8 @@ def evaluate_gates(
                     findings.append(
                         GateResult(gate.name, index, None, gate.warn, gate.fail, "inconclusive", reason, gate.direction)
                     )
+                continue
+            if gate.skip_undefined and result["status"] == "ok" and result["metrics"].get(gate.metric) is None:
                 continue
             finding = _judge(gate, index, result)
             if strict and finding.status == "warn":

@@ -132,6 +132,14 @@ class Analyzer(ABC):
     limits: ClassVar[tuple[str, ...]] = ()
     # Metrics whose value is a list or a table; gates take single numbers only.
     structured_metrics: ClassVar[tuple[str, ...]] = ()
+    # Scalar metrics where a move in one direction is a regression: "higher" means a rise is worse.
+    # A baseline comparison fails only on these; the other metrics are compared for information.
+    worse_when: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def metric_uncertainty(cls, metric: str, result: Mapping[str, Any]) -> float:
+        """One standard error (or error bound) of ``metric`` in a result dict; 0 for exact values."""
+        return 0.0
 
     def skip_reason(self, context: AnalysisContext) -> str | None:
         """Say why this analyzer cannot run on the context, or None when it can."""

@@ -10,6 +10,7 @@ minima") bound the Frobenius norm of stable minima by sqrt(B)/lr for batch size 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,21 @@ class HessianTraceAnalyzer(Analyzer):
         "spectral_density",
     )
     structured_metrics = ("spectral_density",)
+    worse_when = {"trace": "higher", "trace_ratio": "higher", "frobenius_norm": "higher", "frobenius_ratio": "higher"}
+
+    @classmethod
+    def metric_uncertainty(cls, metric: str, result: Mapping[str, Any]) -> float:
+        """Standard errors of the probe estimates; a ratio's is the estimate's scaled by the bound."""
+        metrics = result.get("metrics", {})
+        source = {"trace": "trace", "trace_ratio": "trace", "frobenius_norm": "frobenius_norm", "frobenius_ratio": "frobenius_norm"}
+        base = source.get(metric)
+        if base is None:
+            return 0.0
+        stderr = metrics.get("trace_stderr") if base == "trace" else result.get("diagnostics", {}).get("frobenius_stderr")
+        value, estimate = metrics.get(metric), metrics.get(base)
+        if stderr is None or value is None or not estimate:
+            return 0.0
+        return float(stderr) * abs(float(value) / float(estimate))
     interpretation = {
         "trace": "Trace of the Hessian (sum of all eigenvalues), estimated with random probes; it can be negative away from a minimum.",
         "trace_stderr": "Standard error of the trace estimate from the probe samples; the true trace is within about 3 standard errors.",

@@ -59,6 +59,7 @@ class LmcAnalyzer(Analyzer):
     )
     metric_names = ("barrier", "accuracy_barrier", "curve", "bn_reset")
     structured_metrics = ("curve", "bn_reset")
+    worse_when = {"barrier": "higher", "accuracy_barrier": "higher"}
     interpretation = {
         "barrier": (
             "Largest rise of the loss on the straight line between the two checkpoints above the line "

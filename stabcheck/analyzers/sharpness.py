@@ -11,7 +11,7 @@ P^-1/2 H P^-1/2 (Cohen et al. 2022, "Adaptive Gradient Methods at the Edge of St
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +91,21 @@ class SharpnessAnalyzer(Analyzer):
         "preconditioned_lambda_max",
     )
     structured_metrics = ("top_eigenvalues",)
+    worse_when = {"lambda_max": "higher", "edge_ratio": "higher", "preconditioned_lambda_max": "higher"}
+
+    @classmethod
+    def metric_uncertainty(cls, metric: str, result: Mapping[str, Any]) -> float:
+        # Some eigenvalue lies within the residual of the top Ritz value, so it bounds lambda_max's
+        # error; the preconditioned run's residual is not kept, and its value counts as exact.
+        metrics = result.get("metrics", {})
+        residuals = result.get("diagnostics", {}).get("lanczos", {}).get("top_residuals") or []
+        if not residuals or metrics.get("preconditioned_lambda_max") is not None:
+            return 0.0
+        if metric == "lambda_max":
+            return float(residuals[0])
+        if metric == "edge_ratio" and metrics.get("threshold"):
+            return float(residuals[0]) / float(metrics["threshold"])
+        return 0.0
     interpretation = {
         "lambda_max": "Largest Hessian eigenvalue (sharpness) of the training objective at this checkpoint.",
         "lambda_min": "Smallest Hessian eigenvalue; clearly negative values mean the point is not a minimum.",

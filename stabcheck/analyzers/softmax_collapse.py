@@ -41,6 +41,7 @@ class SoftmaxCollapseAnalyzer(Analyzer):
         "nlm_alignment",
     )
     structured_metrics = ("sc_fraction_by_dtype", "logit_gap", "headroom_by_dtype", "nlm_alignment")
+    worse_when = {"sc_fraction": "higher", "zero_loss_fraction": "higher"}
     interpretation = {
         "sc_fraction": (
             "Share of analyzed samples whose softmax is exactly one-hot in the dtype of the training loss "

@@ -3,10 +3,49 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stabcheck.errors import UsageError
+
+if TYPE_CHECKING:
+    from stabcheck.report.model import Report
+
+
+def write_reports(
+    report: Report,
+    *,
+    json: str | Path | None = None,
+    html: str | Path | None = None,
+    junit: str | Path | None = None,
+    markdown: str | Path | None = None,
+    csv: str | Path | None = None,
+    json_to_stdout: bool = False,
+) -> None:
+    """Render every requested report first, then write each atomically, so a failed render writes nothing."""
+    from stabcheck.report.html import render_html
+    from stabcheck.report.json import render_json
+    from stabcheck.report.junit import render_junit
+    from stabcheck.report.markdown import render_markdown
+    from stabcheck.report.table import render_csv
+
+    rendered: list[tuple[Path | None, str]] = []
+    if json_to_stdout:
+        rendered.append((None, render_json(report)))
+    for path, render in ((json, render_json), (html, render_html), (junit, render_junit), (markdown, render_markdown), (csv, render_csv)):
+        if path is not None:
+            rendered.append((Path(path), render(report)))
+    for path, _ in rendered:
+        if path is not None and path.is_dir():
+            raise UsageError(f"cannot write report to {path}: it is a directory. Pass a file path.")
+    for path, text in rendered:
+        if path is None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        else:
+            atomic_write_text(path, text)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
@@ -28,6 +29,9 @@ class Report:
     gates: list[dict[str, Any]] = field(default_factory=list)
     exit_code: int = 0
     notes: list[str] = field(default_factory=list)
+    # The comparison with a previous report (--baseline), or None.
+    baseline: dict[str, Any] | None = None
+    strict: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """Return the schema-1 document with every non-finite float replaced by None."""
@@ -42,10 +46,42 @@ class Report:
             "estimator": self.estimator,
             "results": self.results,
             "gates": self.gates,
+            "baseline": self.baseline,
+            "strict": self.strict,
             "exit_code": self.exit_code,
             "notes": self.notes,
         }
         return _finite(document)
+
+    def write(
+        self,
+        *,
+        json: str | Path | None = None,
+        html: str | Path | None = None,
+        junit: str | Path | None = None,
+        markdown: str | Path | None = None,
+        csv: str | Path | None = None,
+    ) -> None:
+        """Write the chosen report files, each atomically, as the command line does."""
+        from stabcheck.report.files import write_reports
+
+        write_reports(self, json=json, html=html, junit=junit, markdown=markdown, csv=csv)
+
+    def metrics(self, analyzer_id: str, checkpoint: int = -1) -> dict[str, Any]:
+        """Return the metrics of one analyzer at one checkpoint (default: the last), for notebooks."""
+        entry = self.results[checkpoint]["analyzers"].get(analyzer_id)
+        if entry is None:
+            raise KeyError(f"analyzer {analyzer_id!r} did not run; it ran: {', '.join(self.analyzer_ids())}")
+        return dict(entry["metrics"])
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows the HTML report in a frame, so its stylesheet stays out of the notebook's page."""
+        from html import escape
+
+        from stabcheck.report.html import render_html
+
+        return f'<iframe srcdoc="{escape(render_html(self))}" style="width: 100%; height: 42rem; border: 1px solid #ccc"></iframe>'
+
 
     def analyzer_ids(self) -> list[str]:
         ids: list[str] = []
@@ -55,9 +91,15 @@ class Report:
                     ids.append(analyzer_id)
         return ids
 
+    def regressions(self) -> list[dict[str, Any]]:
+        """Return the baseline comparisons that failed."""
+        return [entry for entry in (self.baseline or {}).get("comparisons", []) if entry["status"] == "fail"]
+
     def verdict(self) -> str:
-        """Return the worst gate status of the run: fail, inconclusive, warn or pass."""
+        """Return the worst status of the run's gates and baseline: fail, inconclusive, warn or pass."""
         statuses = {gate["status"] for gate in self.gates}
+        if self.regressions():
+            statuses.add("fail")
         for status in ("fail", "inconclusive", "warn"):
             if status in statuses:
                 return status

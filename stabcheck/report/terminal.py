@@ -35,6 +35,23 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+def gate_bound(gate: dict[str, Any], level: str) -> str:
+    """Show a gate's warn or fail bound as the condition that fires it, e.g. '> 1.2' or '< 0.5'."""
+    bound = gate.get(level)
+    if bound is None:
+        return "-"
+    return f"{'<' if gate.get('direction') == 'below' else '>'} {format_value(bound)}"
+
+
+def format_change(value: Any) -> str:
+    """Show a relative change as a signed percentage, or 'n/a' when it is undefined."""
+    return "n/a" if value is None else f"{100 * value:+.3g}%"
+
+
+def format_percent(value: float) -> str:
+    return f"{100 * value:.3g}%"
+
+
 def checkpoint_label(entry: dict[str, Any], index: int) -> str:
     if entry.get("path") is None:
         return "in-memory model"
@@ -114,18 +131,64 @@ def _render_gates(report: Report, console: Console) -> None:
         table = Table(title="Gates", title_justify="left")
         table.add_column("gate", no_wrap=True)
         table.add_column("checkpoint", no_wrap=True)
-        for column in ("value", "warn above", "fail above"):
+        for column in ("value", "warn if", "fail if"):
             table.add_column(column, justify="right")
         table.add_column("status", no_wrap=True)
         for gate in report.gates:
             label = short_label(report.checkpoints[gate["checkpoint"]], gate["checkpoint"])
             status = Text(gate["status"], style=STATUS_STYLES.get(gate["status"], ""))
-            table.add_row(gate["name"], label, format_value(gate["value"]), format_value(gate["warn"]), format_value(gate["fail"]), status)
+            table.add_row(gate["name"], label, format_value(gate["value"]), gate_bound(gate, "warn"), gate_bound(gate, "fail"), status)
         console.print(table)
         for gate in report.gates:
             if gate.get("reason"):
                 console.print(f"  [magenta]{gate['name']}[/magenta]: {gate['reason']}", highlight=False)
+    if report.baseline is not None:
+        _render_baseline(report, console)
     verdict = report.verdict()
     console.print(
         Text(f"verdict: {verdict} (exit code {report.exit_code})", style=STATUS_STYLES.get(verdict, "bold"))
     )
+
+
+def _render_baseline(report: Report, console: Console) -> None:
+    """Print one line on the baseline comparison, then the regressions and the metrics not compared."""
+    baseline = report.baseline or {}
+    comparisons = baseline.get("comparisons", [])
+    judged = [entry for entry in comparisons if entry["worse_when"] is not None and entry["status"] in ("pass", "fail")]
+    regressions = report.regressions()
+    console.print(
+        f"baseline {baseline['path']}: {len(judged)} metric value(s) checked for regressions "
+        f"(tolerance {format_percent(baseline['tolerance'])}), {len(regressions)} regression(s)",
+        highlight=False,
+        style="bold red" if regressions else "green",
+    )
+
+    listed = [entry for entry in comparisons if entry["status"] == "fail" or (entry["status"] == "pass" and entry.get("reason"))]
+    if listed:
+        table = Table(title="Baseline", title_justify="left")
+        table.add_column("metric", no_wrap=True)
+        table.add_column("checkpoint", no_wrap=True)
+        for column in ("baseline", "now", "change"):
+            table.add_column(column, justify="right")
+        table.add_column("status", no_wrap=True)
+        for entry in listed:
+            label = short_label(report.checkpoints[entry["checkpoint"]], entry["checkpoint"])
+            status = Text(entry["status"], style=STATUS_STYLES.get(entry["status"], ""))
+            table.add_row(
+                entry["name"], label, format_value(entry["baseline_value"]), format_value(entry["value"]),
+                format_change(entry["relative_change"]), status,
+            )
+        console.print(table)
+        for entry in listed:
+            console.print(f"  [bold]{entry['name']}[/bold]: {entry['reason']}", highlight=False)
+
+    # Metrics that could not be compared are summarized per analyzer and reason, not listed one by one.
+    skipped: dict[tuple[str, str], int] = {}
+    for entry in comparisons:
+        if entry["status"] == "not compared":
+            key = (entry["name"].split(".", 1)[0], entry["reason"])
+            skipped[key] = skipped.get(key, 0) + 1
+    for (analyzer_id, reason), count in skipped.items():
+        console.print(f"  [dim]{analyzer_id}: {count} value(s) not compared, {reason}[/dim]", highlight=False)
+    for note in baseline.get("notes", []):
+        console.print(f"  [dim]note: {note}[/dim]", highlight=False)
