@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["analyze", "__version__"]
+__all__ = ["analyze", "TrainingMonitor", "StabcheckCallback", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -14,4 +14,13 @@ def __getattr__(name: str) -> Any:
         from stabcheck.api import analyze
 
         return analyze
+    if name == "TrainingMonitor":
+        from stabcheck.training import TrainingMonitor
+
+        return TrainingMonitor
+    if name == "StabcheckCallback":
+        # Raises ImportError naming the stabcheck[lightning] extra when Lightning is missing.
+        from stabcheck.lightning import StabcheckCallback
+
+        return StabcheckCallback
     raise AttributeError(f"module 'stabcheck' has no attribute {name!r}")

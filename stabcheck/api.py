@@ -120,7 +120,7 @@ def analyze(
     """
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     estimator = estimator or EstimatorSettings()
-    _validate_settings(estimator, device, dtype)
+    validate_settings(estimator, device, dtype)
     overrides = {
         "optimizer": optimizer,
         "lr": lr,
@@ -129,9 +129,9 @@ def analyze(
         "weight_decay": weight_decay,
     }
     chosen = resolve_analyzers(list(analyzers) if analyzers else None)
-    _validate_model_mode(model_mode, list(analyzers or ()))
+    validate_model_mode(model_mode, list(analyzers or ()))
     checkpoint_paths = expand_checkpoint_paths(checkpoints)
-    chosen = _check_lmc_request(chosen, list(analyzers or ()), lmc_with, lmc_consecutive, len(checkpoint_paths))
+    chosen = check_lmc_request(chosen, list(analyzers or ()), lmc_with, lmc_consecutive, len(checkpoint_paths))
     parse_gates(gates)  # reject a bad gate table or baseline before the analysis starts
     if baseline is not None and not isinstance(baseline, Baseline):
         baseline = load_baseline(baseline)
@@ -197,7 +197,7 @@ def analyze(
             "seed": seed,
             "device": device,
             "dtype": dtype,
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
             "python_version": platform.python_version(),
             "host": socket.gethostname(),
             "platform": platform.platform(),
@@ -282,7 +282,7 @@ def _library_versions() -> dict[str, str]:
     return versions
 
 
-def _validate_settings(estimator: EstimatorSettings, device: str, dtype: str) -> None:
+def validate_settings(estimator: EstimatorSettings, device: str, dtype: str) -> None:
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
@@ -336,7 +336,7 @@ def _validate_settings(estimator: EstimatorSettings, device: str, dtype: str) ->
         )
 
 
-def _validate_model_mode(model_mode: str, requested: list[str]) -> None:
+def validate_model_mode(model_mode: str, requested: list[str]) -> None:
     if model_mode not in MODEL_MODES:
         raise UsageError(f"--model-mode {model_mode!r} is unknown; use one of {', '.join(MODEL_MODES)}.")
     if model_mode != "eval" and "gradient-coherence" in requested:
@@ -347,7 +347,7 @@ def _validate_model_mode(model_mode: str, requested: list[str]) -> None:
         )
 
 
-def _check_lmc_request(
+def check_lmc_request(
     chosen: list, requested: list[str], lmc_with: str | Path | None, consecutive: bool, num_checkpoints: int
 ) -> list:
     """Drop lmc from the default analyzers when it has no second endpoint, and reject misuse."""

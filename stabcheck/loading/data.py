@@ -41,6 +41,14 @@ def materialize(data: Any, *, max_samples: int | None, spec: str = "data") -> An
     if max_samples is not None and max_samples < 1:
         raise DataError(f"--max-samples must be at least 1, got {max_samples}.")
 
+    if isinstance(data, AnalysisSet):
+        # Already read and checked, as by a training monitor that reuses one set per snapshot.
+        if max_samples is None or max_samples >= data.num_samples:
+            return data
+        labels = None if data.labels is None else data.labels[:max_samples]
+        return AnalysisSet(
+            data.inputs[:max_samples], data.targets[:max_samples], labels, data.num_classes, data.source, data.loader_batch_size
+        )
     if isinstance(data, DataLoader):
         inputs, targets, source = _read_loader(data, max_samples, spec)
     elif isinstance(data, Dataset):
