@@ -77,9 +77,10 @@ def main_callback(
 
 @app.command()
 def analyze(
+    ctx: typer.Context,
     checkpoints: Annotated[
         list[Path],
-        typer.Argument(help="Checkpoint files or directories of them; several form a trajectory ordered by stored step."),
+        typer.Argument(metavar="CHECKPOINT", help="Checkpoint files or directories of them; several form a trajectory ordered by stored step."),
     ],
     model: Annotated[Optional[str], typer.Option(help="Model spec: path/to/file.py:function or package.module:function returning an nn.Module.")] = None,
     model_kwargs: Annotated[Optional[str], typer.Option(help="JSON object of keyword arguments for the model function.")] = None,
@@ -163,6 +164,7 @@ def analyze(
             lmc_with=lmc_with,
             trust_checkpoint=trust_checkpoint,
             console=console,
+            context=ctx,
             gate_options=(gate or [], gate_warn or []),
             strict=strict,
             baseline=baseline,
@@ -181,7 +183,7 @@ def analyze(
 
 def _run(
     *, checkpoints: list[Path], options: dict[str, Any], config_path: Path | None, lmc_with: Path | None,
-    trust_checkpoint: bool, console: Console, gate_options: tuple[list[str], list[str]], strict: bool,
+    trust_checkpoint: bool, console: Console, context: typer.Context, gate_options: tuple[list[str], list[str]], strict: bool,
     baseline: Path | None, baseline_tolerance: float | None,
 ):
     # Heavy imports happen here so that --help and --version stay fast.
@@ -289,7 +291,7 @@ def _run(
             lmc_consecutive=bool(setting("lmc_consecutive", False)),
             progress=progress,
             provenance={
-                "command": ["stabcheck", *sys.argv[1:]],
+                "command": _command_line(context),
                 "model_spec": model_spec,
                 "model_kwargs": model_kwargs,
                 "data_spec": data_spec,
@@ -298,6 +300,30 @@ def _run(
                 "config": str(file_config.path) if file_config.path else None,
             },
         )
+
+
+def _command_line(context: typer.Context) -> list[str]:
+    """Return the command as typed when stabcheck runs as a program, else as parsed.
+
+    Under ``main()`` sys.argv contains the command. A host program that calls the app itself (a test
+    runner, another tool) has its own sys.argv, so the command is rebuilt from the parsed options.
+    """
+    if _ENTRY_POINT_ARGV is not None:
+        return ["stabcheck", *_ENTRY_POINT_ARGV]
+    words = ["stabcheck", context.info_name or "analyze"]
+    for parameter in context.command.params:
+        value = context.params.get(parameter.name)
+        if value is None or value is False or value == [] or value == parameter.default:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if parameter.param_type_name == "argument":
+            words.extend(str(item) for item in values)
+        elif value is True:
+            words.append(parameter.opts[0])
+        else:
+            for item in values:
+                words.extend([parameter.opts[0], str(item.value if isinstance(item, Enum) else item)])
+    return words
 
 
 def _memory_budget(value: Any) -> int | None:
@@ -355,7 +381,13 @@ def _write_outputs(
     )
 
 
+# The arguments of the console command, set by main(); None when the app is called another way.
+_ENTRY_POINT_ARGV: list[str] | None = None
+
+
 def main() -> None:
+    global _ENTRY_POINT_ARGV
+    _ENTRY_POINT_ARGV = sys.argv[1:]
     app()
 
 

@@ -41,19 +41,19 @@ def stability_threshold(training: TrainingSettings) -> Threshold:
     if lr is None:
         return Threshold(None, "unknown", False, "no learning rate in the checkpoint or options; pass --lr to get threshold and edge_ratio")
     if kind in (None, "sgd") and not training.momentum:
-        return Threshold(2.0 / lr, "2/lr (gradient descent)", False)
+        return Threshold(2.0 / lr, "2/lr for gradient descent", False)
     if kind in ("sgd", "momentum", None):
         beta = float(training.momentum or 0.0)
         if training.nesterov:
-            return Threshold((2 + 2 * beta) / ((1 + 2 * beta) * lr), "(2+2*beta)/((1+2*beta)*lr) (Nesterov momentum)", False)
+            return Threshold((2 + 2 * beta) / ((1 + 2 * beta) * lr), "(2+2*beta)/((1+2*beta)*lr) for Nesterov momentum", False)
         effective_lr = lr * (1.0 - training.dampening)
         if effective_lr <= 0:
             return Threshold(None, "unknown", False, f"dampening {training.dampening} leaves no effective step; threshold undefined")
-        rule = "(2+2*beta)/lr (heavy-ball momentum)" if not training.dampening else "(2+2*beta)/((1-dampening)*lr) (heavy-ball momentum)"
+        rule = "(2+2*beta)/lr for heavy-ball momentum" if not training.dampening else "(2+2*beta)/((1-dampening)*lr) for heavy-ball momentum"
         return Threshold((2 + 2 * beta) / effective_lr, rule, False)
     if kind in ("adam", "adamw"):
         beta1 = training.betas[0] if training.betas else 0.9
-        return Threshold((2 + 2 * beta1) / ((1 - beta1) * lr), "(2+2*beta1)/((1-beta1)*lr) on P^-1/2 H P^-1/2 (Adam)", True)
+        return Threshold((2 + 2 * beta1) / ((1 - beta1) * lr), "(2+2*beta1)/((1-beta1)*lr) on P^-1/2 H P^-1/2 for Adam", True)
     return Threshold(None, "unknown", False, f"no stability threshold is defined for optimizer {kind!r}")
 
 

@@ -24,7 +24,7 @@ from stabcheck.report.html_parts import number_cell as _num
 from stabcheck.report.html_parts import table as _table
 from stabcheck.report.html_softmax import softmax_section
 from stabcheck.report.model import Report
-from stabcheck.report.terminal import checkpoint_label, format_value
+from stabcheck.report.terminal import checkpoint_label, format_change, format_percent, format_value, gate_bound
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 60rem;
@@ -39,8 +39,32 @@ th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: ta
 .skipped { background: #eee; color: #555; }
 .notes li { color: #444; } .meaning { color: #333; } code { font-size: 0.88rem; word-break: break-all; }
 img { max-width: 100%; } .wide { overflow-x: auto; } td.indices { min-width: 16rem; font-size: 0.85rem; }
-@media print { body { margin: 0; max-width: none; } h2 { page-break-after: avoid; }
-  section, table, img { page-break-inside: avoid; } }
+@page { margin: 15mm; }
+@media print {
+  html { font-size: 10pt; }
+  body { margin: 0; max-width: none; padding: 0; }
+  /* Chromium and Firefox leave out background colours when printing by default, and badges need theirs. */
+  .badge, th { print-color-adjust: exact; -webkit-print-color-adjust: exact; }
+  h2, h3, h4 { break-after: avoid; break-inside: avoid; }
+  table, tr, img, li { break-inside: avoid; }
+  p, li { orphans: 3; widows: 3; }
+  th, td { overflow-wrap: break-word; }
+  /* Gate and metric names in a first column wrap only when they cannot fit, unlike paths and hashes. */
+  td:first-child code { word-break: normal; }
+  /* Paper cannot scroll, so a wide table must fit the page instead. */
+  .wide { overflow: visible; }
+  td.indices { min-width: 10rem; }
+  /* The table of every metric per checkpoint (.per-checkpoint) has one column per
+     metric, far too many for a page. Print turns it around, so each table row becomes a grid
+     column and subgrid keeps a metric's name level with its values.
+     NOTE: each column spans 200 grid rows, so cells past the 200th column would overlap. */
+  .per-checkpoint table { display: grid; grid-auto-flow: column; grid-template-columns: fit-content(45%);
+                     grid-auto-columns: minmax(0, 1fr); border: solid #d0d0d0; border-width: 1px 0 0 1px;
+                     font-size: 0.8rem; }
+  .per-checkpoint thead, .per-checkpoint tbody { display: contents; }
+  .per-checkpoint tr { display: grid; grid-row: span 200; grid-template-rows: subgrid; }
+  .per-checkpoint th, .per-checkpoint td { border-width: 0 1px 1px 0; overflow-wrap: anywhere; }
+}
 """
 
 
@@ -58,6 +82,7 @@ def render_html(report: Report) -> str:
         f"{len(report.checkpoints)} checkpoint(s), model <code>{escape(str(report.model['spec']))}</code>, "
         f"{report.data['num_samples']:,} samples.</p>",
         _gates_section(report),
+        _baseline_section(report),
     ]
     for analyzer_id in report.analyzer_ids():
         renderer = SECTION_RENDERERS.get(analyzer_id, _generic_section)
@@ -71,8 +96,9 @@ def render_html(report: Report) -> str:
 
 
 def _gates_section(report: Report) -> str:
+    strict = " Run with --strict: warnings count as failures." if report.strict else ""
     if not report.gates:
-        return "<h2>Gates</h2><p>No gates applied to the analyzers that ran.</p>"
+        return f"<section><h2>Gates</h2><p>No gates applied to the analyzers that ran.{strict}</p></section>"
     rows = []
     for gate in report.gates:
         label = checkpoint_label(report.checkpoints[gate["checkpoint"]], gate["checkpoint"])
@@ -81,13 +107,56 @@ def _gates_section(report: Report) -> str:
                 f"<td><code>{escape(gate['name'])}</code></td>",
                 _cell(label),
                 _num(gate["value"]),
-                _num(gate["warn"]),
-                _num(gate["fail"]),
+                _cell(gate_bound(gate, "warn")),
+                _cell(gate_bound(gate, "fail")),
                 f"<td>{_badge(gate['status'])}</td>",
                 _cell(gate.get("reason") or ""),
             ]
         )
-    return "<h2>Gates</h2>" + _table(["gate", "checkpoint", "value", "warn above", "fail above", "status", "reason"], rows)
+    intro = f"<p>Each gate compares one metric of one checkpoint with its bounds.{strict}</p>"
+    return (
+        "<section><h2>Gates</h2>" + intro
+        + _table(["gate", "checkpoint", "value", "warn if", "fail if", "status", "reason"], rows) + "</section>"
+    )
+
+
+def _baseline_section(report: Report) -> str:
+    """Render the comparison with an earlier report: regressions first, then every compared value."""
+    baseline = report.baseline
+    if baseline is None:
+        return ""
+    regressions = report.regressions()
+    parts = [
+        "<section><h2>Baseline comparison</h2>",
+        f"<p>Compared with <code>{escape(baseline['path'])}</code> (SHA-256 <code>{escape(baseline['sha256'])}</code>, "
+        f"run started {escape(str(baseline.get('started_at')))}). A metric with a worse direction fails when it moved "
+        f"that way by more than its tolerance (default {escape(format_percent(baseline['tolerance']))}) and by more than "
+        f"{baseline['noise_multiple']:g} combined standard errors; the other metrics are shown for information. "
+        f"Regressions: <strong>{len(regressions)}</strong>.</p>",
+    ]
+
+    rows = []
+    order = {"fail": 0, "not compared": 1, "pass": 2, "info": 3}
+    for entry in sorted(baseline["comparisons"], key=lambda e: order.get(e["status"], 4)):
+        label = checkpoint_label(report.checkpoints[entry["checkpoint"]], entry["checkpoint"])
+        worse = {"higher": "rise", "lower": "fall"}.get(entry["worse_when"] or "", "none")
+        rows.append(
+            [
+                f"<td><code>{escape(entry['name'])}</code></td>",
+                _cell(label),
+                _num(entry["baseline_value"]),
+                _num(entry["value"]),
+                _cell(format_change(entry["relative_change"])),
+                _cell(worse),
+                _cell(format_percent(entry["tolerance"])),
+                f"<td>{_badge(entry['status'])}</td>",
+                _cell(entry.get("reason") or ""),
+            ]
+        )
+    parts.append(_table(["metric", "checkpoint", "baseline", "now", "change", "worse", "tolerance", "status", "reason"], rows))
+    parts.append(_notes(baseline.get("notes", [])))
+    parts.append("</section>")
+    return "\n".join(parts)
 
 
 def _sharpness_section(report: Report, analyzer_id: str) -> str:
@@ -260,7 +329,7 @@ def _trajectory_table(report: Report) -> str:
         rows.append(cells)
     return (
         "<section><h2>Every metric per checkpoint</h2>"
-        f'<div class="wide">{_table(headers, rows)}</div></section>'
+        f'<div class="wide per-checkpoint">{_table(headers, rows)}</div></section>'
     )
 
 
@@ -286,6 +355,7 @@ def _provenance_section(report: Report) -> str:
         ["stabcheck", report.tool["version"]],
         ["torch", run["torch_version"]],
         ["python", run["python_version"]],
+        ["libraries", ", ".join(f"{name} {version}" for name, version in (run.get("library_versions") or {}).items())],
         ["host", run["host"]],
         ["platform", run.get("platform", "")],
         ["device", run["device"]],
@@ -304,6 +374,8 @@ def _provenance_section(report: Report) -> str:
         ["loss", report.data.get("loss", "")],
         ["training settings", json.dumps(report.training)],
         ["estimator settings", json.dumps(report.estimator)],
+        ["config file", run.get("config") or "none"],
+        ["gates", "--strict: warnings count as failures" if report.strict else "warnings allowed"],
     ]
     table = _table(["field", "value"], [[_cell(k), f"<td><code>{escape(str(v))}</code></td>"] for k, v in rows])
     checkpoint_rows = [

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 FIGURE_SIZE = (6.4, 3.4)
 DPI = 110
@@ -76,6 +77,12 @@ def trajectory_plot(
         axes.plot(*zip(*limits), "--", color="#b22222", label="threshold")
     if log_y and points and all(v > 0 for _, v in points):
         axes.set_yscale("log")
+        # The default log labels read "1.55 x 10^0" over a narrow range; plain numbers read better.
+        # Minor ticks get labels only when the values span less than a decade, or they crowd.
+        plain = FuncFormatter(lambda value, _: f"{value:.3g}")
+        axes.yaxis.set_major_formatter(plain)
+        low, high = min(v for _, v in points), max(v for _, v in points)
+        axes.yaxis.set_minor_formatter(plain if high < 10 * low else NullFormatter())
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.set_title(title)
