@@ -3,7 +3,7 @@
 Every scalar metric of each analyzer is compared with the same metric of the matching checkpoint
 in the baseline report. Some metrics have a worse direction (``Analyzer.worse_when``). Such a
 metric fails when it moved that way by more than its relative tolerance and by more than twice the
-combined uncertainty of the two estimates. Probe noise alone therefore cannot fail a build. The
+combined uncertainty of the two estimates, so a change within that probe noise does not fail. The
 other metrics are listed with their change for information.
 """
 
@@ -48,9 +48,16 @@ class Baseline:
 
 
 def load_baseline(
-    path: str | Path, *, tolerance: float | None = None, tolerances: Mapping[str, Any] | None = None
+    path: str | Path,
+    *,
+    tolerance: float | None = None,
+    tolerances: Mapping[str, Any] | None = None,
+    tolerances_source: str | None = None,
 ) -> Baseline:
-    """Read a stabcheck JSON report (schema 1) to compare against; bad input is a UsageError (exit 2)."""
+    """Read a stabcheck JSON report (schema 1) to compare against; bad input is a UsageError (exit 2).
+
+    ``tolerances_source`` names where the per-metric tolerances come from (a config file), for errors.
+    """
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -68,14 +75,15 @@ def load_baseline(
         raise UsageError(f"--baseline {path} is not a stabcheck JSON report (no schema_version and results).")
     if document["schema_version"] != 1:
         raise UsageError(
-            f"--baseline {path} has schema_version {document['schema_version']!r}; this stabcheck reads schema 1."
+            f"--baseline {path} has schema_version {document['schema_version']!r}; this stabcheck reads schema 1. "
+            "Write a new baseline with this version's --json."
         )
     return Baseline(
         path=str(path),
         sha256=hashlib.sha256(raw).hexdigest(),
         document=document,
         tolerance=_check_tolerance(DEFAULT_TOLERANCE if tolerance is None else tolerance, "--baseline-tolerance"),
-        tolerances=_parse_tolerances(tolerances or {}),
+        tolerances=_parse_tolerances(tolerances or {}, tolerances_source),
     )
 
 
@@ -85,11 +93,16 @@ def _check_tolerance(value: Any, where: str) -> float:
     return float(value)
 
 
-def _parse_tolerances(table: Mapping[str, Any]) -> dict[str, float]:
+def _parse_tolerances(table: Mapping[str, Any], source: str | None) -> dict[str, float]:
     parsed = {}
-    for name, value in table.items():
-        validate_gate_name(name)
-        parsed[name] = _check_tolerance(value, f"baseline tolerance for {name!r}")
+    try:
+        for name, value in table.items():
+            validate_gate_name(name, role="baseline tolerance")
+            parsed[name] = _check_tolerance(value, f"baseline tolerance for {name!r}")
+    except UsageError as error:
+        if source is None:
+            raise
+        raise UsageError(f"{source}: {error}") from None
     return parsed
 
 
@@ -105,6 +118,9 @@ def compare_with_baseline(
     pairs, notes = match_checkpoints(checkpoints, old.get("checkpoints") or [], baseline.path)
     for section, key in COMPARED_CONTEXT:
         now, before = (context.get(section) or {}).get(key), (old.get(section) or {}).get(key)
+        if key == "spec":
+            # The same spec file given by another path (relative, absolute) is the same spec.
+            now, before = _spec_name(now), _spec_name(before)
         if now != before:
             notes.append(f"{section} {key} differs from the baseline ({before!r} there, {now!r} here), so changes may not be regressions")
     old_results = {entry.get("checkpoint"): entry.get("analyzers", {}) for entry in old["results"]}
@@ -132,6 +148,14 @@ def compare_with_baseline(
         "comparisons": comparisons,
         "notes": notes,
     }
+
+
+def _spec_name(spec: Any) -> Any:
+    """Reduce 'path/to/file.py:function' to 'file.py:function'; other specs stay as they are."""
+    if not isinstance(spec, str) or ":" not in spec:
+        return spec
+    path, function = spec.rsplit(":", 1)
+    return f"{Path(path).name}:{function}"
 
 
 def match_checkpoints(

@@ -205,21 +205,22 @@ def merge_gate_tables(file_table: Mapping[str, Any] | None, option_table: Mappin
     return merged
 
 
-def validate_gate_name(name: str) -> None:
+def validate_gate_name(name: str, *, role: str = "gate") -> None:
+    """Check that ``name`` is 'analyzer-id.metric' of a single-number metric; ``role`` names it in errors."""
     analyzer_id, dot, metric = name.partition(".")
     if not dot or analyzer_id not in ANALYZERS:
         raise UsageError(
-            f"gate {name!r} does not name an analyzer; use 'analyzer-id.metric' with one of: "
+            f"{role} {name!r} does not name an analyzer; use 'analyzer-id.metric' with one of: "
             f"{', '.join(ANALYZERS)}."
         )
     analyzer = ANALYZERS[analyzer_id]
     gateable = gateable_metrics(analyzer_id)
     if metric in analyzer.structured_metrics:
         raise UsageError(
-            f"gate {name!r}: {metric} is a list, and gates compare single numbers; gate one of: {', '.join(gateable)}."
+            f"{role} {name!r}: {metric} is a list, and only single numbers are compared; use one of: {', '.join(gateable)}."
         )
     if metric not in analyzer.metric_names:
-        raise UsageError(f"gate {name!r}: {analyzer_id} has no metric {metric!r}; valid metrics: {', '.join(gateable)}.")
+        raise UsageError(f"{role} {name!r}: {analyzer_id} has no metric {metric!r}; valid metrics: {', '.join(gateable)}.")
 
 
 def gateable_metrics(analyzer_id: str) -> list[str]:
@@ -251,8 +252,12 @@ def evaluate_gates(
                         GateResult(gate.name, index, None, gate.warn, gate.fail, "inconclusive", reason, gate.direction)
                     )
                 continue
-            if gate.skip_undefined and result["status"] == "ok" and result["metrics"].get(gate.metric) is None:
-                continue
+            if result["status"] == "ok" and result["metrics"].get(gate.metric) is None:
+                # An analyzer lists the metrics it cannot define at this checkpoint, such as Adam's
+                # edge_ratio before the first step. Some default gates also skip a metric that a
+                # task never defines.
+                if gate.skip_undefined or gate.metric in result["diagnostics"].get("undefined", ()):
+                    continue
             finding = _judge(gate, index, result)
             if strict and finding.status == "warn":
                 finding = replace(finding, status="fail", reason="past the warn bound; --strict counts warnings as failures")

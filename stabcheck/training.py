@@ -13,7 +13,7 @@ import json as json_module
 import operator
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +35,6 @@ from stabcheck.loading.checkpoint import load_checkpoint
 from stabcheck.loading.data import materialize
 from stabcheck.loading.optimizer import TrainingSettings, apply_overrides
 from stabcheck.report.model import SCHEMA_VERSION, Report
-
-_REPORT_FIELDS = tuple(field.name for field in fields(Report))
-
 
 class TrainingMonitor:
     """Analyze a model every ``every_n_steps`` optimizer steps and keep the snapshots as one report.
@@ -211,7 +208,7 @@ class TrainingMonitor:
                     f"a saved snapshot has report schema version {document.get('schema_version')!r}, but this "
                     f"version of stabcheck reads version {SCHEMA_VERSION}. Start a new trajectory."
                 )
-            snapshots.append(Report(**{name: document[name] for name in _REPORT_FIELDS if name in document}))
+            snapshots.append(Report.from_json(document))
         self._snapshots = snapshots
         self._report = None
         if snapshots:

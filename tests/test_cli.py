@@ -350,7 +350,7 @@ def test_version_flag():
 @pytest.mark.parametrize(
     ("table", "message"),
     [
-        ('"sharpness.top_eigenvalues" = { fail = 0.5 }', "top_eigenvalues is a list, and gates compare single numbers"),
+        ('"sharpness.top_eigenvalues" = { fail = 0.5 }', "top_eigenvalues is a list, and only single numbers are compared"),
         ('"sharpness.edge_ratio" = { warn = 1.5, fail = 1.0 }', "warn 1.5 is above fail 1,"),
     ],
 )

@@ -46,9 +46,7 @@ def invoke(project: ToyProject, *extra: str, checkpoints: list[Path] | None = No
 
 
 def load_report(path: Path) -> Report:
-    document = json.loads(path.read_text())
-    fields = {key: document[key] for key in Report.__dataclass_fields__ if key in document}
-    return Report(**fields)
+    return Report.load(path)
 
 
 def metric(report: Report, analyzer_id: str, name: str) -> float:
@@ -128,7 +126,7 @@ def test_strict_from_config_and_gate_switched_off(project, report_file, tmp_path
     [
         ("--gate", "sharpnes.edge_ratio<=1", "one of: sharpness, hessian-trace"),
         ("--gate", "sharpness.edge<=1", "valid metrics: lambda_max, lambda_min, threshold, edge_ratio"),
-        ("--gate", "hessian-trace.spectral_density<=1", "gates compare single numbers"),
+        ("--gate", "hessian-trace.spectral_density<=1", "only single numbers are compared"),
         ("--gate", "sharpness.edge_ratio<1.2", "write 'analyzer-id.metric<=NUMBER'"),
         ("--gate", "sharpness.edge_ratio<=high", "'high' is not a number"),
         ("--gate", "sharpness.edge_ratio=on", "only 'off' is allowed"),
@@ -437,3 +435,36 @@ def test_lmc_accuracy_gate_skipped_without_labels(tmp_path):
         ],
     )
     assert user_gate.exit_code == 3, user_gate.output
+
+
+def test_spec_path_difference_ignored(report_file, tmp_path):
+    document = json.loads(report_file.read_text())
+    spec = document["model"]["spec"]
+    document["model"]["spec"] = "/elsewhere/" + Path(spec.rsplit(":", 1)[0]).name + ":" + spec.rsplit(":", 1)[1]
+    path = tmp_path / "moved.json"
+    path.write_text(json.dumps(document))
+    notes = judge(load_report(report_file), baseline=path).baseline["notes"]
+    assert not [note for note in notes if "model spec" in note]
+    document["model"]["spec"] = spec.rsplit(":", 1)[0] + ":other_function"
+    path.write_text(json.dumps(document))
+    notes = judge(load_report(report_file), baseline=path).baseline["notes"]
+    assert [note for note in notes if "model spec" in note]
+
+
+def test_config_errors_name_the_file(project, report_file, tmp_path):
+    config = tmp_path / "stabcheck.toml"
+    config.write_text('[gates]\n"sharpness.edge_rato" = { fail = 1.0 }\n')
+    result = invoke(project, "--config", str(config))
+    assert result.exit_code == 2
+    assert f"config file {config.resolve()}" in " ".join(result.output.split())
+    config.write_text(f'baseline = "{report_file}"\n[baseline_tolerances]\n"sharpness.lambda_maxx" = 0.3\n')
+    result = invoke(project, "--config", str(config))
+    assert result.exit_code == 2
+    message = " ".join(result.output.split())
+    assert "baseline tolerance 'sharpness.lambda_maxx'" in message
+    assert f"config file {config.resolve()}" in message
+
+
+def test_saved_report_loads_back(report_file):
+    report = Report.load(report_file)
+    assert report.to_json() == json.loads(report_file.read_text())

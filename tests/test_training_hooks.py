@@ -8,6 +8,7 @@ import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -184,7 +185,7 @@ def test_monitor_reads_optimizer_settings(monitored_run):
     assert training["lr"] == LR
     assert training["momentum"] == MOMENTUM
     assert training["weight_decay"] == WEIGHT_DECAY
-    assert training["source"] == "checkpoint"
+    assert training["source"] == "optimizer"
     assert sharpness["metrics"]["threshold"] == pytest.approx(2 * (1 + MOMENTUM) / LR)
     assert sharpness["metrics"]["edge_ratio"] == pytest.approx(sharpness["metrics"]["lambda_max"] * LR / (2 * (1 + MOMENTUM)))
 
@@ -247,8 +248,13 @@ def test_monitor_writes_parseable_reports(monitored_run, tmp_path):
     assert document["results"][3]["analyzers"]["sharpness"]["metrics"]["lambda_max"] == lambda_max(monitor.report, 3)
     assert parse_html(paths["html"])["html"] == 1
     assert len(paths["csv"].read_text().strip().splitlines()) == 5
-    assert paths["junit"].stat().st_size > 0
-    assert paths["markdown"].stat().st_size > 0
+    cases = ElementTree.parse(paths["junit"]).getroot().findall(".//testcase")
+    edge_cases = [case.get("name") for case in cases if case.get("classname") == "sharpness.edge_ratio"]
+    assert edge_cases == [f"in-memory model (step {step})" for step in (0, 50, 100, 150)]
+    assert "in-memory model (step 150)" in paths["markdown"].read_text()
+    hashes = [entry["sha256"] for entry in document["checkpoints"]]
+    assert len(set(hashes)) == 4
+    assert all(len(value) == 64 for value in hashes)
 
 
 def test_monitor_gates_cover_the_whole_trajectory(monitored_run):
@@ -532,7 +538,7 @@ def test_callback_reads_lightning_optimizer(lightning_run):
 
     assert training["optimizer"] == "sgd"
     assert training["lr"] == LIGHTNING_LR
-    assert training["source"] == "checkpoint"
+    assert training["source"] == "optimizer"
     assert all(entry["training"]["lr"] == LIGHTNING_LR for entry in callback.report.checkpoints)
     threshold = callback.report.results[0]["analyzers"]["sharpness"]["metrics"]["threshold"]
     assert threshold == pytest.approx(2 / LIGHTNING_LR)
@@ -568,3 +574,31 @@ def test_callback_resumed_run_continues_trajectory(digits, tmp_path):
     assert first.monitor.steps == [0, 20, 40]
     assert resumed.monitor.steps == [0, 20, 40, 60]
     assert resumed.report.results[1] == first.report.to_json()["results"][1]
+
+
+def test_adam_step_zero_does_not_block_the_gate(digits):
+    """Before Adam's first step edge_ratio is undefined, so that checkpoint is left out of its gate.
+
+    Early Adam steps can be far past the threshold (tiny second moments), so only the absence of
+    an inconclusive verdict is checked, not a pass.
+    """
+    inputs, targets = digits
+    monitor = make_monitor(digits, every_n_steps=5, analyzers=["sharpness"])
+    model = make_mlp(seed=1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    monitor.step(model, 0, optimizer=optimizer)
+    for step in range(1, 11):
+        optimizer.zero_grad()
+        F.cross_entropy(model(inputs[:64]), targets[:64]).backward()
+        optimizer.step()
+        monitor.step(model, step, optimizer=optimizer)
+
+    first = monitor.report.results[0]["analyzers"]["sharpness"]
+    assert first["status"] == "ok"
+    assert first["metrics"]["edge_ratio"] is None
+    assert first["metrics"]["lambda_max"] is not None
+    assert any("no step yet" in note for note in first["notes"])
+    edge_gates = [gate for gate in monitor.report.gates if gate["name"] == "sharpness.edge_ratio"]
+    assert [gate["checkpoint"] for gate in edge_gates] == [1, 2]
+    assert all(gate["status"] != "inconclusive" for gate in edge_gates)
+    assert monitor.report.exit_code != 3

@@ -176,7 +176,8 @@ class SharpnessAnalyzer(Analyzer):
         if threshold.preconditioned:
             preconditioned = _preconditioned_sharpness(context, notes, diagnostics)
             compared = preconditioned
-            compared_converged = preconditioned is not None
+            # Before Adam's first step the compared value is undefined by definition, not unconverged.
+            compared_converged = preconditioned is not None or "undefined" in diagnostics
         else:
             notes.append("preconditioned_lambda_max applies to Adam and AdamW only")
 
@@ -252,6 +253,13 @@ def _per_layer_sharpness(context: AnalysisContext) -> list[dict[str, Any]]:
 def _preconditioned_sharpness(context: AnalysisContext, notes: list[str], diagnostics: dict[str, Any]) -> float | None:
     """Return the top eigenvalue of P^-1/2 H P^-1/2 for Adam, or None with a note saying why not."""
     training = context.training
+    if training.optimizer_step == 0 and training.betas:
+        notes.append(
+            "Adam has taken no step yet, so it has no preconditioner: preconditioned_lambda_max and "
+            "edge_ratio are undefined at this checkpoint, and gates on them skip it"
+        )
+        diagnostics["undefined"] = ["preconditioned_lambda_max", "edge_ratio"]
+        return None
     if training.exp_avg_sq is None or not training.optimizer_step or not training.betas:
         notes.append(
             "Adam's threshold applies to the preconditioned Hessian, which needs exp_avg_sq and "

@@ -371,3 +371,17 @@ def match_weights(checkpoint: Checkpoint, model: torch.nn.Module) -> MatchedWeig
             "The run diverged before this checkpoint; analyze an earlier one."
         )
     return MatchedWeights({key: weights[key] for key in expected}, stripped or None)
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """Return the SHA-256 of a module's state_dict (names, dtypes, shapes and bytes) in name order.
+
+    An in-memory model has no file to hash, so the report records this hash of its weights instead.
+    Two modules with bit-identical state_dicts give the same hash.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -202,8 +202,9 @@ def _second_moments(
     if names is None:
         return None, None
     if not per_param:
-        notes.append("the optimizer state has no per-parameter entries, so Adam's exp_avg_sq is missing")
-        return None, None
+        # torch creates the per-parameter state at the first step, so an empty one means step 0.
+        notes.append("the optimizer has no per-parameter state, so it has taken no step yet and Adam's exp_avg_sq does not exist")
+        return None, 0
     key = "max_exp_avg_sq" if amsgrad else "exp_avg_sq"
     moments: dict[str, torch.Tensor] = {}
     steps = set()

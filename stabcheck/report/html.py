@@ -381,7 +381,7 @@ def _provenance_section(report: Report) -> str:
     checkpoint_rows = [
         [
             _cell(index),
-            f"<td><code>{escape(str(entry['path']))}</code></td>",
+            f"<td><code>{escape(str(entry['path'] or 'in memory (SHA-256 of its state_dict)'))}</code></td>",
             _cell(entry.get("step") if entry.get("step") is not None else ""),
             _cell(entry["format"]),
             _cell(entry.get("weight_set") or ""),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,24 @@ class Report:
             "notes": self.notes,
         }
         return _finite(document)
+
+    @classmethod
+    def from_json(cls, document: dict[str, Any]) -> Report:
+        """Rebuild a report from its JSON document (schema 1), e.g. to judge it again with other gates."""
+        if document.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(
+                f"the document has report schema version {document.get('schema_version')!r}; this version "
+                f"of stabcheck reads version {SCHEMA_VERSION}"
+            )
+        names = {item.name for item in fields(cls)}
+        return cls(**{name: value for name, value in document.items() if name in names})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Report:
+        """Read a JSON report written by --json or :meth:`write`."""
+        import json
+
+        return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
 
     def write(
         self,

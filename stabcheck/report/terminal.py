@@ -54,7 +54,7 @@ def format_percent(value: float) -> str:
 
 def checkpoint_label(entry: dict[str, Any], index: int) -> str:
     if entry.get("path") is None:
-        return "in-memory model"
+        return "in-memory model" if entry.get("step") is None else f"in-memory model (step {entry['step']})"
     name = entry["path"].rsplit("/", 1)[-1]
     return f"{name} (step {entry['step']})" if entry.get("step") is not None else name
 
