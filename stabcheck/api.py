@@ -26,6 +26,7 @@ from stabcheck.analyzers.base import (
     ProgressFactory,
 )
 from stabcheck.analyzers.registry import resolve_analyzers
+from stabcheck.engine.distributed import SINGLE_PROCESS, SingleProcess
 from stabcheck.engine.hvp import HVP_METHODS
 from stabcheck.engine.memory import default_budget
 from stabcheck.engine.objective import (
@@ -36,10 +37,10 @@ from stabcheck.engine.objective import (
 )
 from stabcheck.engine.per_example import METHODS as PER_EXAMPLE_METHODS
 from stabcheck.engine.trace import MIN_SEQUENTIAL_PROBES
-from stabcheck.errors import CheckpointError, StabcheckError, UsageError
-from stabcheck.baseline import Baseline, compare_with_baseline, load_baseline
+from stabcheck.errors import AnalyzerFailed, CheckpointError, StabcheckError, UsageError
+from stabcheck.baseline import Baseline, compare_with_baseline, load_baseline, match_checkpoints
 from stabcheck.gates import EXIT_FAIL, evaluate_gates, exit_code_for, parse_gates
-from stabcheck.loading.checkpoint import Checkpoint, load_checkpoint, match_weights
+from stabcheck.loading.checkpoint import Checkpoint, load_checkpoint, match_weights, weights_sha256
 from stabcheck.loading.data import AnalysisSet, materialize
 from stabcheck.loading.optimizer import (
     TrainingSettings,
@@ -100,6 +101,7 @@ def analyze(
     optimizer_state: Mapping[str, Any] | None = None,
     strict: bool = False,
     baseline: str | Path | Baseline | None = None,
+    distributed: SingleProcess | None = None,
 ) -> Report:
     """Run the chosen analyzers on ``model`` at each checkpoint (or at its current weights).
 
@@ -117,6 +119,9 @@ def analyze(
     ``gates``, ``strict`` and ``baseline`` (a previous JSON report's path, or a
     :class:`~stabcheck.baseline.Baseline` from :func:`~stabcheck.baseline.load_baseline` to set
     tolerances) are passed to :func:`judge`.
+    ``distributed`` (from :func:`stabcheck.engine.distributed.connect`) splits the analysis set
+    over the processes of a group. Every rank must call ``analyze`` with the same arguments,
+    and every rank returns the same report.
     """
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     estimator = estimator or EstimatorSettings()
@@ -130,6 +135,12 @@ def analyze(
     }
     chosen = resolve_analyzers(list(analyzers) if analyzers else None)
     validate_model_mode(model_mode, list(analyzers or ()))
+    group = distributed or SINGLE_PROCESS
+    if group.is_distributed and model_mode != "eval":
+        raise UsageError(
+            f"--model-mode {model_mode} is not supported with several processes: BatchNorm would need "
+            "the batch statistics of every process's examples. Use --model-mode eval, or run one process."
+        )
     checkpoint_paths = expand_checkpoint_paths(checkpoints)
     chosen = check_lmc_request(chosen, list(analyzers or ()), lmc_with, lmc_consecutive, len(checkpoint_paths))
     parse_gates(gates)  # reject a bad gate table or baseline before the analysis starts
@@ -140,9 +151,12 @@ def analyze(
     loss_fn = builtin_loss(loss) if isinstance(loss, str) else loss
 
     analysis_set = materialize(data, max_samples=max_samples, spec=provenance.get("data_spec", "data"))
+    shard = analysis_set.shard(group.rank, group.world_size)
     memory_budget = estimator.memory_budget or default_budget(torch.device(device))
     run_notes: list[str] = []
     ordered = _order_checkpoints(checkpoint_paths, trust_checkpoint, weight_set, run_notes)
+    if baseline is not None:
+        _check_baseline_pairing(baseline, ordered, step, trust_checkpoint, weight_set)
 
     checkpoint_entries: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
@@ -161,6 +175,9 @@ def analyze(
             partner = _prepare_partner(model, targets[index + 1], trust_checkpoint, weight_set)
         trainable = {name: p for name, p in analyzed_model.named_parameters() if p.requires_grad}
         settings = settings_from_optimizer_state(entry.pop("_optimizer_state"), trainable)
+        if path is None and settings.source == "checkpoint":
+            # The settings came from a live optimizer passed with the in-memory model.
+            settings = replace(settings, source="optimizer")
         if entry.get("_batch_size") is not None:
             settings = replace(settings, batch_size=entry["_batch_size"])
         entry.pop("_batch_size", None)
@@ -181,9 +198,10 @@ def analyze(
             {
                 "checkpoint": index,
                 "analyzers": _run_analyzers(
-                    chosen, analyzed_model, analysis_set, settings, estimator, seed, device, dtype, model_mode,
+                    chosen, analyzed_model, shard, settings, estimator, seed, device, dtype, model_mode,
                     loss_fn, progress, memory_budget, partner,
                     "the last checkpoint of the trajectory has no next checkpoint to pair with" if lmc_consecutive else None,
+                    group,
                 ),
             }
         )
@@ -205,6 +223,7 @@ def analyze(
             "config": provenance.get("config"),
             "memory_budget_bytes": memory_budget,
             "memory_budget_source": "option" if estimator.memory_budget else "half of the free memory",
+            **group.to_json(),
         },
         checkpoints=checkpoint_entries,
         model={
@@ -365,6 +384,20 @@ def check_lmc_request(
     return [analyzer for analyzer in chosen if analyzer.id != "lmc"]
 
 
+def _check_baseline_pairing(
+    baseline: Baseline, paths: list[Path], step: int | None, trust: bool, weight_set: str | None
+) -> None:
+    """Raise before the analysis when the baseline's checkpoints cannot be paired with these."""
+    old = baseline.document.get("checkpoints") or []
+    if not paths:
+        entries = [{"step": step}]
+    elif len(paths) == 1 and len(old) == 1:
+        entries = [{"step": None}]
+    else:
+        entries = [{"step": load_checkpoint(path, trust=trust, weight_set=weight_set).step} for path in paths]
+    match_checkpoints(entries, old, baseline.path)
+
+
 def _prepare_partner(
     model: torch.nn.Module, path: Path, trust: bool, weight_set: str | None
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -397,7 +430,7 @@ def _prepare_model(
     if path is None:
         return model, {
             "path": None,
-            "sha256": None,
+            "sha256": weights_sha256(model),
             "format": "in-memory",
             "step": None,
             "stripped_prefix": None,
@@ -436,6 +469,7 @@ def _run_analyzers(
     memory_budget: int,
     partner: tuple[torch.nn.Module, dict[str, Any]] | None = None,
     partner_missing: str | None = None,
+    group: SingleProcess = SINGLE_PROCESS,
 ) -> dict[str, dict[str, Any]]:
     objective = Objective(
         model,
@@ -446,6 +480,7 @@ def _run_analyzers(
         dtype=DTYPES[dtype],
         device=device,
         mode=model_mode,
+        group=group,
     )
     context = AnalysisContext(
         model=model,
@@ -473,6 +508,14 @@ def _run_analyzers(
                     raise
                 except (RuntimeError, ValueError, ArithmeticError, MemoryError) as error:
                     log.exception("analyzer %s failed", analyzer.id)
+                    if group.is_distributed:
+                        # The other ranks may wait in a collective for this rank's share, so the
+                        # run stops here; torchrun then stops the other ranks.
+                        raise AnalyzerFailed(
+                            f"analyzer {analyzer.id} failed on rank {group.rank} of {group.world_size} "
+                            f"({type(error).__name__}: {error}). With several processes a failed analyzer "
+                            "stops the run; run one process to get the other analyzers' results."
+                        ) from error
                     result = AnalyzerResult(status="error", notes=(f"{type(error).__name__}: {error}",))
             outcome[analyzer.id] = {
                 "status": result.status,

@@ -140,8 +140,11 @@ def analyze(
     """Analyze checkpoints and write terminal, JSON, HTML, JUnit or Markdown reports."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     json_to_stdout = json_path == "-"
-    console = _SummaryConsole(stderr=json_to_stdout, quiet=quiet)
+    launch = _launch()
+    # Under torchrun every rank computes, and rank 0 alone prints the summary and writes the reports.
+    console = _SummaryConsole(stderr=json_to_stdout, quiet=quiet or launch.rank != 0)
     errors = Console(stderr=True)
+    analyzed = False
     try:
         report = _run(
             checkpoints=checkpoints,
@@ -169,22 +172,29 @@ def analyze(
             strict=strict,
             baseline=baseline,
             baseline_tolerance=baseline_tolerance,
+            launch=launch,
         )
-        _write_outputs(report, json_path=json_path, html=html, junit=junit, markdown=markdown, csv=csv)
+        analyzed = True
+        if launch.rank == 0:
+            _write_outputs(report, json_path=json_path, html=html, junit=junit, markdown=markdown, csv=csv)
     except StabcheckError as error:
-        errors.print(f"[bold red]error:[/bold red] {error}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=error.exit_code) from None
+        # Errors that every rank meets alike are printed once; a rank's own failure by that rank.
+        if launch.rank == 0 or getattr(error, "rank_specific", False):
+            errors.print(f"[bold red]error:[/bold red] {error}", highlight=False, soft_wrap=True)
+        # After the analysis only rank 0 can fail (writing the reports), and the others follow it.
+        code = _agreed_exit_code(error.exit_code) if analyzed else error.exit_code
+        raise typer.Exit(code=code) from None
 
     from stabcheck.report.terminal import render_terminal
 
     render_terminal(report, console)
-    raise typer.Exit(code=report.exit_code)
+    raise typer.Exit(code=_agreed_exit_code(report.exit_code))
 
 
 def _run(
     *, checkpoints: list[Path], options: dict[str, Any], config_path: Path | None, lmc_with: Path | None,
     trust_checkpoint: bool, console: Console, context: typer.Context, gate_options: tuple[list[str], list[str]], strict: bool,
-    baseline: Path | None, baseline_tolerance: float | None,
+    baseline: Path | None, baseline_tolerance: float | None, launch: Any = None,
 ):
     # Heavy imports happen here so that --help and --version stay fast.
     from stabcheck.analyzers.base import EstimatorSettings
@@ -198,6 +208,11 @@ def _run(
     file_config = load_config(config_path)
     # Gates and the baseline are checked before any model or data is built, so a typo in a
     # gate name costs nothing.
+    if file_config.get("gates"):
+        try:
+            parse_gates(file_config.get("gates"))
+        except UsageError as error:
+            raise UsageError(f"config file {file_config.path}: {error}") from None
     gates = merge_gate_tables(file_config.get("gates"), gates_from_options(*gate_options))
     parse_gates(gates)
     baseline_path = baseline
@@ -209,6 +224,7 @@ def _run(
             baseline_path,
             tolerance=baseline_tolerance if baseline_tolerance is not None else file_config.get("baseline_tolerance"),
             tolerances=file_config.get("baseline_tolerances"),
+            tolerances_source=f"config file {file_config.path}" if file_config.path else None,
         )
 
     def setting(key: str, default: Any = None) -> Any:
@@ -264,6 +280,11 @@ def _run(
         feature_layer=setting("feature_layer", defaults.feature_layer),
         loss_dtype=setting("loss_dtype", defaults.loss_dtype),
     )
+    from stabcheck.engine.distributed import connect
+
+    # The process group is joined after every option and spec has been checked, which every rank
+    # does alike, so a bad option stops all ranks before any of them waits for the others.
+    group = None if launch is None else connect(launch, setting("device", "cpu"))
     with _progress(console) as progress:
         return run_analysis(
             model_object,
@@ -285,6 +306,7 @@ def _run(
             gates=gates,
             strict=strict or bool(file_config.get("strict", False)),
             baseline=loaded_baseline,
+            distributed=group,
             trust_checkpoint=trust_checkpoint,
             weight_set=setting("weight_set"),
             lmc_with=lmc_with,
@@ -324,6 +346,32 @@ def _command_line(context: typer.Context) -> list[str]:
             for item in values:
                 words.extend([parameter.opts[0], str(item.value if isinstance(item, Enum) else item)])
     return words
+
+
+def _launch() -> Any:
+    """Return the rank layout that torchrun set in the environment (rank 0 of 1 without it)."""
+    from stabcheck.engine.distributed import launch_from_environment
+
+    try:
+        return launch_from_environment()
+    except ValueError as error:
+        typer.echo(f"error: {error}; launch several processes with torchrun, which sets these variables.", err=True)
+        raise typer.Exit(code=2) from None
+
+
+def _agreed_exit_code(code: int) -> int:
+    """Return the exit code of this rank once the ranks agree, and leave the process group.
+
+    Rank 0 exits with the run's code. The other ranks exit with 0 after agreeing, because
+    torchrun stops every rank as soon as one exits with another code, which could cut rank 0
+    short. torchrun itself exits with 1 for any failing rank, whatever its code.
+    """
+    from stabcheck.engine.distributed import agree_with_rank0, disconnect
+
+    code = agree_with_rank0(code)
+    rank = _launch().rank
+    disconnect()
+    return code if rank == 0 else 0
 
 
 def _memory_budget(value: Any) -> int | None:

@@ -27,3 +27,15 @@ class SpecError(StabcheckError):
 
 class DataError(StabcheckError):
     """The analysis data is empty, malformed, or inconsistent with the model."""
+
+
+class AnalyzerFailed(StabcheckError):
+    """An analyzer raised while the analysis was split over several processes.
+
+    The run stops with exit code 3 (inconclusive), because the other processes cannot finish
+    the analyzer without this process's share of the examples.
+    """
+
+    exit_code = 3
+    # Only this process met the error, so it prints the message itself.
+    rank_specific = True

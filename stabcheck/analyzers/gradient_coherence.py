@@ -38,6 +38,7 @@ from stabcheck.analyzers.opposing_signals import (
 from stabcheck.engine.hvp import module_blocks
 from stabcheck.engine.memory import MemoryBudgetExceeded, default_budget, format_bytes
 from stabcheck.engine.per_example import (
+    COUPLED_MESSAGE,
     CoupledExamplesError,
     GradientPlan,
     GradientSums,
@@ -111,8 +112,16 @@ class GradientCoherenceAnalyzer(Analyzer):
         objective = context.objective
         budget = context.memory_budget or settings.memory_budget or default_budget(objective.device)
         labels = context.data.labels
+        group = objective.group
+        failure: CoupledExamplesError | None = None
         try:
             plan = make_plan(objective, settings.per_example_method)
+        except CoupledExamplesError as error:
+            failure = error
+        # Every rank skips when one does, or the others would wait in gradient_sums' reductions.
+        if group.any_true(failure is not None):
+            return AnalyzerResult.skipped(str(failure) if failure else f"on another process: {COUPLED_MESSAGE}")
+        try:
             sums = gradient_sums(
                 objective,
                 groups=None if labels is None else labels,
@@ -122,6 +131,8 @@ class GradientCoherenceAnalyzer(Analyzer):
             )
         except (MemoryBudgetExceeded, CoupledExamplesError) as error:
             return AnalyzerResult.skipped(str(error))
+        # The per-example statistics now cover every rank's examples, in analysis-set order.
+        labels = None if labels is None else group.gather_rows(labels)
 
         notes = list(sums.notes)
         total_sq = float(sums.sq_norms.sum())
@@ -158,7 +169,7 @@ class GradientCoherenceAnalyzer(Analyzer):
             "dtype": str(objective.dtype).removeprefix("torch."),
             "per_layer": _per_layer(sums, objective.layout, gsnr_parts, context.model),
         }
-        diagnostics["opposing_signals"] = _opposing_signals(context, plan, sums, budget, notes)
+        diagnostics["opposing_signals"] = _opposing_signals(context, plan, sums, budget, labels, notes)
         metrics = {
             "alpha": finite_or_none(alpha),
             "m_coherence": finite_or_none(m_coherence),
@@ -251,7 +262,12 @@ def _per_layer(sums: GradientSums, layout: Any, gsnr_parts: _GsnrParts, model: t
 
 
 def _opposing_signals(
-    context: AnalysisContext, plan: GradientPlan, sums: GradientSums, budget: int, notes: list[str]
+    context: AnalysisContext,
+    plan: GradientPlan,
+    sums: GradientSums,
+    budget: int,
+    labels: torch.Tensor | None,
+    notes: list[str],
 ) -> dict[str, Any]:
     """Search the examples with the largest gradient norms for opposing groups, within the budget."""
     settings = context.estimator
@@ -268,7 +284,8 @@ def _opposing_signals(
     else:
         _, fixed = estimate_memory(objective, plan)
         fits = max(0, int((budget - fixed) // max(gram_bytes_per_example(objective, plan), 1)))
-    count = min(requested, fits)
+    # The ranks' budgets can differ (half of each one's free memory), and all need one count.
+    count = objective.group.min_int(min(requested, fits))
 
     result: dict[str, Any] = {"num_candidates": count, "pairs": []}
     if count < MIN_CANDIDATES:
@@ -290,7 +307,6 @@ def _opposing_signals(
     gram = gradient_gram(objective, candidates.to(objective.device), plan, sums)
     total_sq = float(sq_norms.sum())
     result["candidate_share_of_sq_norm"] = finite_or_none(float(sq_norms[candidates].sum()) / total_sq)
-    labels = context.data.labels
     for rank, pair in enumerate(find_opposing_pairs(gram, settings.opposing_groups), start=1):
         result["pairs"].append(_pair_json(rank, pair, candidates, sq_norms, total_sq, labels))
     return result

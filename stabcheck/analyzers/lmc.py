@@ -106,14 +106,17 @@ class LmcAnalyzer(Analyzer):
         labels = None if context.data.labels is None else context.data.labels.to(device)
         reset = settings.bn_reset and has_batchnorm(work)
         alphas = np.linspace(0.0, 1.0, settings.lmc_points)
+        group = objective.group
+        # The BatchNorm statistics are those of the whole set, so each rank needs every example.
+        bn_inputs = group.gather_rows(objective.inputs) if reset else objective.inputs
 
         def curve(state_b_used: dict[str, torch.Tensor], only: list[str] | None = None) -> list[PointValue]:
             values = []
             for alpha in alphas:
                 work.load_state_dict(interpolate_state(state_a, state_b_used, float(alpha), only))
                 if reset and 0.0 < alpha < 1.0:
-                    reestimate_batchnorm(work, objective.inputs)
-                values.append(evaluate(work, objective.inputs, objective.targets, objective.loss_fn, labels))
+                    reestimate_batchnorm(work, bn_inputs, group)
+                values.append(evaluate(work, objective.inputs, objective.targets, objective.loss_fn, labels, group))
             return values
 
         notes: list[str] = []

@@ -76,8 +76,10 @@ class NeuralCollapseAnalyzer(Analyzer):
         except FeatureLayerError as error:
             return AnalyzerResult(status="error", notes=(str(error),))
         labels = context.data.labels.to(objective.device)
-        num_classes = _class_count(labels, layer)
-        counts = torch.bincount(labels, minlength=num_classes)
+        group = objective.group
+        num_classes = group.max_int(_class_count(labels, layer))
+        # Split over several processes, the counts, sums and mismatches are added over the ranks.
+        counts = group.sum_(torch.bincount(labels, minlength=num_classes))
         missing = [str(c) for c in range(num_classes) if int(counts[c]) == 0]
         if missing:
             raise DataError(
@@ -91,6 +93,7 @@ class NeuralCollapseAnalyzer(Analyzer):
             if accumulator is None:
                 accumulator = CollapseAccumulator(num_classes, features.shape[1], objective.device)
             accumulator.add(features, batch_labels)
+        accumulator.reduce_(group)
         means = accumulator.means()
         weights = layer.weight.detach() if isinstance(layer, nn.Linear) and layer.weight.shape[0] == num_classes else None
         if weights is not None:
@@ -101,6 +104,7 @@ class NeuralCollapseAnalyzer(Analyzer):
         for features, _, outputs in _feature_batches(context, layer):
             predicted = outputs.reshape(outputs.shape[0], -1).argmax(dim=1)
             mismatches += int((predicted != nearest_class_mean(features, means)).sum())
+        mismatches = group.sum_int(mismatches)
 
         notes = [f"features are the input of layer {layer_name!r} ({type(layer).__name__}), {chosen_by}"]
         single = [str(c) for c in range(num_classes) if int(counts[c]) == 1]
@@ -119,7 +123,7 @@ class NeuralCollapseAnalyzer(Analyzer):
             "nc2_equiangularity": finite_or_none(metrics.nc2_equiangularity),
             "nc2_etf_error": finite_or_none(metrics.nc2_etf_error),
             "nc3_self_duality": finite_or_none(metrics.nc3_self_duality),
-            "nc4_ncc_mismatch": mismatches / objective.num_samples,
+            "nc4_ncc_mismatch": mismatches / objective.total_samples,
             "feature_layer": layer_name,
         }
         class_counts = {str(c): int(counts[c]) for c in range(num_classes)}

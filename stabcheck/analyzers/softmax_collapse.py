@@ -85,10 +85,19 @@ class SoftmaxCollapseAnalyzer(Analyzer):
                 f"softmax-collapse needs logits shaped [samples, classes], and the model returns {tuple(logits.shape)}"
             )
         loss_dtype = context.estimator.loss_dtype
-        by_dtype = {name: float(collapsed(logits, dtype).double().mean()) for name, dtype in DTYPES.items()}
         labels = context.data.labels.to(logits.device)
         losses = torch.nn.functional.cross_entropy(logits.to(DTYPES[loss_dtype]), labels, reduction="none")
-        margins = top_two_margin(logits)
+        group = objective.group
+        if group.is_distributed:
+            counts = _shares_over_ranks(logits, labels, losses, group)
+            by_dtype = {name: counts[name] for name in DTYPES}
+            zero_loss_fraction, train_accuracy = counts["zero_loss"], counts["correct"]
+            margins = group.gather_rows(top_two_margin(logits))
+        else:
+            by_dtype = {name: float(collapsed(logits, dtype).double().mean()) for name, dtype in DTYPES.items()}
+            zero_loss_fraction = float((losses == 0).double().mean())
+            train_accuracy = float((logits.argmax(dim=1) == labels).double().mean())
+            margins = top_two_margin(logits)
 
         notes: list[str] = []
         if context.objective.loss_fn is not cross_entropy_per_example:
@@ -113,7 +122,7 @@ class SoftmaxCollapseAnalyzer(Analyzer):
         metrics = {
             "sc_fraction": sc_fraction,
             "sc_fraction_by_dtype": by_dtype,
-            "zero_loss_fraction": float((losses == 0).double().mean()),
+            "zero_loss_fraction": zero_loss_fraction,
             "logit_gap": _distribution(margins),
             "headroom_by_dtype": _headroom(margins),
             "nlm_alignment": {"overall": finite_or_none(alignment), "per_layer": per_layer},
@@ -123,12 +132,23 @@ class SoftmaxCollapseAnalyzer(Analyzer):
         diagnostics = {
             "loss_dtype": loss_dtype,
             "analysis_dtype": analysis_dtype,
-            "num_samples": int(logits.shape[0]),
+            "num_samples": objective.total_samples,
             "num_classes": int(logits.shape[1]),
             "collapse_margin_by_dtype": {name: collapse_margin(dtype) for name, dtype in DTYPES.items()},
-            "train_accuracy": float((logits.argmax(dim=1) == labels).double().mean()),
+            "train_accuracy": train_accuracy,
         }
         return AnalyzerResult(status="ok", metrics=metrics, diagnostics=diagnostics, notes=tuple(notes))
+
+
+def _shares_over_ranks(logits: torch.Tensor, labels: torch.Tensor, losses: torch.Tensor, group: Any) -> dict[str, float]:
+    """Return the shares of collapsed samples per dtype, of zero losses and of correct predictions
+    over the samples of every rank, from counts added over the ranks."""
+    keys = [*DTYPES, "zero_loss", "correct"]
+    local = [collapsed(logits, dtype).sum() for dtype in DTYPES.values()]
+    local += [(losses == 0).sum(), (logits.argmax(dim=1) == labels).sum()]
+    counts = group.sum_(torch.stack(local).to(torch.float64))
+    total = group.sum_float(float(logits.shape[0]))
+    return {key: float(count) / total for key, count in zip(keys, counts.tolist())}
 
 
 def _logits(context: AnalysisContext) -> torch.Tensor:
@@ -172,6 +192,8 @@ def _nlm_alignment(context: AnalysisContext) -> tuple[float | None, list[dict[st
         loss = objective.chunk_loss(params, inputs, targets)
         grads = torch.autograd.grad(loss, [params[name] for name in names], allow_unused=True)
         gradient = [total + (g if g is not None else 0) for total, g in zip(gradient, grads)]
+    if objective.group.is_distributed:
+        gradient = [objective.group.sum_(piece) for piece in gradient]
     by_name = dict(zip(names, gradient))
 
     def cosine(keys: list[str]) -> float | None:

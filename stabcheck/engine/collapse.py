@@ -16,7 +16,8 @@ with the pseudo-inverse cut at rank C - 1, the rank of :math:`\Sigma_B`, so that
 the discarded directions cannot blow up or flip the sign of NC1. The accumulator keeps, per
 class, the count and the sum of the features, and over all samples the sum of
 :math:`(h - s)(h - s)^\top` for a shift s (the first batch's mean), which limits cancellation;
-its memory does not grow with the number of samples.
+its memory does not grow with the number of samples. Accumulators of several processes are
+added after moving each one's sums to a common shift (see :meth:`CollapseAccumulator.reduce_`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from stabcheck.engine.distributed import SingleProcess
 
 
 class CollapseAccumulator:
@@ -45,6 +48,26 @@ class CollapseAccumulator:
         self.second += centered.T @ centered
         self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
         self.sums.index_add_(0, labels, centered)
+
+    def reduce_(self, group: SingleProcess) -> None:
+        """Replace the sums by their totals over every rank of ``group``, in place.
+
+        Each rank's sums are taken about its own shift s_r. They move to the mean shift s of the
+        ranks with x + d = h - s for d = s_r - s: the class sums gain n_c d, and the second
+        moment gains (sum x) d^T + d (sum x)^T + n d d^T. Every rank must have added features.
+        """
+        if not group.is_distributed:
+            return
+        assert self.shift is not None, "reduce_ needs features added on every rank"
+        shift = group.sum_(self.shift.clone()) / group.world_size
+        delta = self.shift - shift
+        column = self.sums.sum(dim=0)
+        self.second += torch.outer(column, delta) + torch.outer(delta, column) + self.counts.sum() * torch.outer(delta, delta)
+        self.sums += self.counts.unsqueeze(1) * delta
+        self.shift = shift
+        group.sum_(self.counts)
+        group.sum_(self.sums)
+        group.sum_(self.second)
 
     def means(self) -> torch.Tensor:
         """Return the class means (rows), in the original coordinates."""

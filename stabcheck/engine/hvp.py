@@ -28,6 +28,8 @@ class HessianOperator:
 
     Parameters that the forward pass never uses have a zero gradient and zero Hessian rows; they
     are listed in ``unused_parameters``. ``num_matvecs`` counts the products computed so far.
+    When the objective is split over several processes, the loss, the gradient and every
+    product are summed over the ranks, so every rank gets the full objective's values.
     """
 
     def __init__(self, objective: Objective, *, method: str = "retained") -> None:
@@ -43,16 +45,19 @@ class HessianOperator:
         self._params = [objective.point[name].clone().requires_grad_(True) for name in self.layout.names]
         self._retained: list[torch.Tensor | None] | None = None
 
+        group = objective.group
         gradients, loss = self._first_order(keep_graph=method == "retained")
-        self.loss = float(loss)
+        self.loss = float(group.sum_(loss.reshape(1).clone())[0]) if group.is_distributed else float(loss)
         self.unused_parameters = tuple(
             name for name, gradient in zip(self.layout.names, gradients) if gradient is None
         )
-        self.gradient = self.layout.flatten(
-            [
-                torch.zeros_like(p) if g is None else g.detach()
-                for p, g in zip(self._params, gradients)
-            ]
+        self.gradient = group.sum_(
+            self.layout.flatten(
+                [
+                    torch.zeros_like(p) if g is None else g.detach()
+                    for p, g in zip(self._params, gradients)
+                ]
+            )
         )
         if method == "retained":
             self._retained = gradients
@@ -93,8 +98,8 @@ class HessianOperator:
                 gradients = torch.autograd.grad(term, self._params, create_graph=True, allow_unused=True)
                 products = [_add(a, b) for a, b in zip(products, self._second_order(list(gradients), pieces, retain=False))]
         self.num_matvecs += 1
-        return self.layout.flatten(
-            [torch.zeros_like(p) if h is None else h for p, h in zip(self._params, products)]
+        return self.objective.group.sum_(
+            self.layout.flatten([torch.zeros_like(p) if h is None else h for p, h in zip(self._params, products)])
         )
 
     def _second_order(

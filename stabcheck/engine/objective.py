@@ -9,6 +9,10 @@ over a fixed analysis set, where :math:`w_j` is the coupled L2 weight decay that
 applies to parameter :math:`j` (SGD's and Adam's ``weight_decay``; AdamW's decoupled decay is not
 part of the objective). The model runs through ``torch.func.functional_call`` on copies of its
 parameters and buffers, so the module itself, its ``.grad`` fields and its buffers stay as they were.
+
+Split over several processes, each rank computes on a shard of the analysis set, N is the size of
+the whole set, so the ranks' values, gradients and Hessian-vector products add up to the
+objective's. The regularizer belongs to rank 0 alone, so that the sum counts it once.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from stabcheck.engine.distributed import SINGLE_PROCESS, SingleProcess
 from stabcheck.errors import DataError, SpecError
 
 PerExampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -112,6 +117,10 @@ class Objective:
     module (dropout included) in eval mode. ``chunk_size`` bounds how many examples one forward
     pass processes, and the loss does not depend on it, except in that mode, which needs a single
     chunk.
+
+    ``group`` is the process group when the analysis set is split over several processes:
+    ``inputs`` and ``targets`` are then this rank's shard, ``num_samples`` counts the shard, and
+    ``total_samples`` and ``sample_offset`` place it in the whole set.
     """
 
     def __init__(
@@ -127,6 +136,7 @@ class Objective:
         chunk_size: int | None = None,
         training: bool = False,
         mode: str = "eval",
+        group: SingleProcess | None = None,
     ) -> None:
         if mode not in MODEL_MODES:
             raise ValueError(f"model mode {mode!r} is unknown; use one of {', '.join(MODEL_MODES)}")
@@ -139,6 +149,10 @@ class Objective:
         self.inputs = _cast(inputs, dtype, self.device)
         self.targets = _cast(targets, dtype, self.device)
         self.num_samples = int(self.inputs.shape[0])
+        self.group = group or SINGLE_PROCESS
+        shard_sizes = self.group.gather_rows(torch.tensor([self.num_samples], dtype=torch.int64)).tolist()
+        self.total_samples = int(sum(shard_sizes))
+        self.sample_offset = int(sum(shard_sizes[: self.group.rank]))
         self.chunk_size = chunk_size or self.num_samples
         if mode == "train-bn-batch-stats" and self.chunk_size < self.num_samples:
             raise ValueError("BatchNorm batch statistics need the whole analysis set in one chunk")
@@ -206,10 +220,16 @@ class Objective:
         return losses
 
     def chunk_loss(self, params: Mapping[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """This chunk's share of the objective: its loss sum over N, without the decay term."""
-        return self.per_example_losses(params, inputs, targets).sum() / self.num_samples
+        """This chunk's share of the objective: its loss sum over N, without the decay term.
+
+        N is the size of the whole analysis set, over every rank.
+        """
+        return self.per_example_losses(params, inputs, targets).sum() / self.total_samples
 
     def decay_term(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """Return the weight-decay term, or None without decay and on every rank but rank 0."""
+        if self.group.rank != 0:
+            return None
         terms = [0.5 * w * params[name].pow(2).sum() for name, w in self.weight_decay.items() if name in params]
         return torch.stack(terms).sum() if terms else None
 
@@ -220,6 +240,8 @@ class Objective:
             decay = self.decay_term(params)
             if decay is not None:
                 total = total + decay
+            if self.group.is_distributed:
+                total = self.group.sum_(total.reshape(1).clone())[0]
         return float(total)
 
 

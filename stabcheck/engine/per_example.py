@@ -26,6 +26,11 @@ when the batch dimension is not first. A module that runs more than once per for
 uses its rule. Any module that fails falls back to vmap, with a note. The regularizer is not
 part of :math:`\ell_i`, because coupled weight decay adds the same vector to every example's
 gradient.
+
+When the objective is split over several processes, each rank computes the sums of its shard,
+then :math:`S` and :math:`Q` are added over the ranks and the :math:`q_i` gathered in the order
+of the analysis set. A class's gradient sum is added over the ranks as a vector before its norm
+is taken, one class at a time, so the memory of the per-class norms stays one vector per rank.
 """
 
 from __future__ import annotations
@@ -33,11 +38,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 from torch.func import grad, vmap
 
+from stabcheck.engine.distributed import SingleProcess
 from stabcheck.engine.hvp import module_blocks
 from stabcheck.engine.layer_gradients import (
     LAYER_TYPES,
@@ -154,8 +161,18 @@ def gradient_sums(
     plan = plan or make_plan(objective, method)
     layout = objective.layout
     num_examples = objective.num_samples
+    group = objective.group
     bytes_per_example, fixed_bytes = estimate_memory(objective, plan)
-    chunk_size = _chunk_size(num_examples, bytes_per_example, fixed_bytes, memory_budget)
+    failure: MemoryBudgetExceeded | None = None
+    try:
+        chunk_size = _chunk_size(num_examples, bytes_per_example, fixed_bytes, memory_budget)
+    except MemoryBudgetExceeded as error:
+        failure = error
+    # Every rank must stop here when one does, or the others would wait in the reductions below.
+    if group.any_true(failure is not None):
+        raise failure or MemoryBudgetExceeded(
+            fixed_bytes + bytes_per_example, memory_budget or 0, "on another process, the gradient statistics of one example"
+        )
 
     if groups is None:
         order = torch.arange(num_examples)
@@ -173,6 +190,10 @@ def gradient_sums(
     carried_label: int | None = None
     last_terms: _ChunkTerms | None = None
     num_chunks = 0
+    reducer = None
+    if group.is_distributed and groups is not None:
+        global_labels = torch.unique(group.gather_rows(torch.unique(groups.cpu()))).tolist()
+        reducer = _GroupSumReducer(group, global_labels, layout.dim, objective.device)
 
     start = 0
     while start < num_examples:
@@ -194,6 +215,11 @@ def gradient_sums(
             start = stop
             continue
         segments = _segments(group_of, start, stop)
+        room = None if memory_budget is None else memory_budget - fixed_bytes - len(indices) * bytes_per_example
+        if reducer is not None:
+            carried = _reduce_segment_sums(terms, layout, segments, start, group_of, num_examples, carried, reducer, room)
+            start = stop
+            continue
         # A group that goes on from the previous chunk or into the next needs its sum as a
         # vector, carried across chunks. The groups inside the chunk need only the norm.
         head = segments[:1] if carried_label is not None else []
@@ -201,7 +227,6 @@ def gradient_sums(
         tail = [segments[-1]] if last_stop < num_examples and group_of[last_stop] == group_of[last_start] else []
         inner = [segment for segment in segments if segment not in head and segment not in tail]
         # Norms of up to per_batch groups are computed together, within what the chunk leaves of the budget.
-        room = None if memory_budget is None else memory_budget - fixed_bytes - len(indices) * bytes_per_example
         per_batch = len(inner) if room is None else max(1, room // (8 * layout.dim))
         for first in range(0, len(inner), per_batch):
             batch = inner[first : first + per_batch]
@@ -221,6 +246,14 @@ def gradient_sums(
 
     blocks = module_blocks(layout.names)
     block_sq_norms = {block: sum(param_sq[name] for name in names) for block, names in blocks.items()}
+    if group.is_distributed:
+        if reducer is not None:
+            reducer.finish_remaining()
+            group_sums = reducer.sq_norms
+        group.sum_(sum_gradient)
+        group.sum_(sum_squares)
+        block_sq_norms = {block: group.gather_rows(values) for block, values in block_sq_norms.items()}
+        num_examples = objective.total_samples
     return GradientSums(
         num_examples=num_examples,
         sum_gradient=sum_gradient,
@@ -233,8 +266,71 @@ def gradient_sums(
         num_chunks=num_chunks,
         bytes_per_example=bytes_per_example,
         notes=tuple(plan.notes),
-        single_chunk=(last_terms, torch.argsort(order)) if num_chunks == 1 else None,
+        single_chunk=(last_terms, torch.argsort(order)) if num_chunks == 1 and not group.is_distributed else None,
     )
+
+
+class _GroupSumReducer:
+    """Adds each group's gradient sum over the ranks and keeps its squared norm.
+
+    The ranks visit their examples sorted by group, so every rank reduces the groups in the
+    ascending order of ``labels``, the labels of every rank. A group that a rank does not hold
+    gets a zero vector from it.
+    """
+
+    def __init__(self, group: SingleProcess, labels: list[int], dim: int, device: torch.device) -> None:
+        self.group = group
+        self.labels = labels
+        self.dim = dim
+        self.device = device
+        self.position = 0
+        self.sq_norms: dict[int, float] = {}
+
+    def finish(self, label: int, local_sum: torch.Tensor) -> None:
+        """Reduce every group before ``label`` that this rank does not hold, then ``label``'s sum."""
+        while self.labels[self.position] != label:
+            self._reduce(self.labels[self.position], None)
+        self._reduce(label, local_sum.clone())
+
+    def finish_remaining(self) -> None:
+        while self.position < len(self.labels):
+            self._reduce(self.labels[self.position], None)
+
+    def _reduce(self, label: int, local_sum: torch.Tensor | None) -> None:
+        if local_sum is None:
+            local_sum = torch.zeros(self.dim, dtype=torch.float64, device=self.device)
+        total = self.group.sum_(local_sum)
+        self.sq_norms[label] = float(torch.dot(total, total))
+        self.position += 1
+
+
+def _reduce_segment_sums(
+    terms: _ChunkTerms,
+    layout: Any,
+    segments: list[tuple[int, int]],
+    start: int,
+    group_of: list[int],
+    num_examples: int,
+    carried: torch.Tensor,
+    reducer: _GroupSumReducer,
+    room: int | None,
+) -> torch.Tensor:
+    """Add each segment's gradient sum to ``carried`` and reduce a group's sum where it ends.
+
+    Up to ``room`` bytes of segment sums are formed at once. Returns the vector carried into
+    the next chunk, the partial sum of a group that goes on there.
+    """
+    per_batch = len(segments) if room is None else max(1, room // (8 * layout.dim))
+    for first in range(0, len(segments), per_batch):
+        batch = segments[first : first + per_batch]
+        stacked = terms.segment_sums([(a - start, b - start) for a, b in batch])
+        for row, (segment_start, segment_stop) in enumerate(batch):
+            carried += layout.flatten({name: part[row] for name, part in stacked.items()})
+            label = group_of[segment_start]
+            if not (segment_stop < num_examples and group_of[segment_stop] == label):
+                reducer.finish(label, carried)
+                carried.zero_()
+    return carried
 
 
 def gradient_gram(
@@ -244,13 +340,34 @@ def gradient_gram(
 
     When ``sums`` kept the terms of a single chunk, the Gram matrix comes from them. Otherwise
     the examples are processed in one batch, so the caller bounds their number by the memory
-    budget (see :func:`gram_bytes_per_example`).
+    budget (see :func:`gram_bytes_per_example`). Split over several processes, ``indices``
+    count in the whole analysis set, and each rank forms the gradients of its own examples,
+    which every rank then gathers.
     """
+    if objective.group.is_distributed:
+        return _gathered_gram(objective, indices, plan)
     if sums is not None and sums.single_chunk is not None:
         terms, row_of = sums.single_chunk
         return terms.gram(row_of[indices.cpu()].to(terms.losses.device))
     terms = _verified_terms(objective, plan, indices)
     return terms.gram(torch.arange(len(indices), device=terms.losses.device))
+
+
+def _gathered_gram(objective: Objective, indices: torch.Tensor, plan: GradientPlan) -> torch.Tensor:
+    """Return the Gram matrix of examples spread over the ranks, from their gathered gradients."""
+    group = objective.group
+    local = indices.cpu() - objective.sample_offset
+    mine = (local >= 0) & (local < objective.num_samples)
+    positions = torch.nonzero(mine).flatten()
+    if len(positions):
+        rows = per_example_gradients(objective, local[mine].to(objective.device), method=plan.other_method).double()
+    else:
+        rows = torch.zeros(0, objective.dim, dtype=torch.float64, device=objective.device)
+    gathered = group.gather_rows(rows)
+    order = group.gather_rows(positions.to(objective.device))
+    ordered = torch.empty_like(gathered)
+    ordered[order] = gathered
+    return (ordered @ ordered.T).cpu()
 
 
 def gram_bytes_per_example(objective: Objective, plan: GradientPlan) -> int:

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data.dataloader import default_collate
 
+from stabcheck.engine.distributed import shard_bounds
 from stabcheck.errors import DataError
 
 READ_BATCH = 256
@@ -34,6 +35,25 @@ class AnalysisSet:
     @property
     def num_samples(self) -> int:
         return int(self.inputs.shape[0])
+
+    def shard(self, rank: int, world_size: int) -> AnalysisSet:
+        """Return rank's contiguous share of the examples, as split by :func:`shard_bounds`.
+
+        ``num_classes`` stays that of the whole set. Raises DataError when there are fewer
+        examples than ranks, because a rank without examples has no shard to analyze.
+        """
+        if world_size == 1:
+            return self
+        if self.num_samples < world_size:
+            raise DataError(
+                f"the analysis set has {self.num_samples} example(s) for {world_size} processes; each "
+                "process needs at least one. Raise --max-samples or start fewer processes."
+            )
+        start, stop = shard_bounds(self.num_samples, rank, world_size)
+        labels = None if self.labels is None else self.labels[start:stop]
+        return AnalysisSet(
+            self.inputs[start:stop], self.targets[start:stop], labels, self.num_classes, self.source, self.loader_batch_size
+        )
 
 
 def materialize(data: Any, *, max_samples: int | None, spec: str = "data") -> AnalysisSet:
