@@ -10,7 +10,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from stabcheck.engine.hvp import HessianOperator
+from stabcheck.engine.hvp import HessianOperator, estimate_operator_bytes
+from stabcheck.engine.memory import format_bytes
 from stabcheck.engine.objective import Objective
 from stabcheck.loading.data import AnalysisSet
 from stabcheck.loading.optimizer import TrainingSettings
@@ -104,6 +105,29 @@ class AnalysisContext:
     # Why there is no second endpoint, when the caller knows better than the generic reason.
     partner_missing: str | None = None
     _hessian: HessianOperator | None = None
+    _operator_bytes: int | None = None
+
+    def memory_shortfall(self, extra_bytes: int, vectors: str, remedy: str) -> str | None:
+        """Return why an analysis does not fit the memory budget, or None when it fits.
+
+        The estimate is the Hessian operator's gradient graph plus ``extra_bytes`` of the
+        analysis's own vectors. ``vectors`` describes them and ``remedy`` names the option that lowers them.
+        """
+        if self.memory_budget is None:
+            return None
+        if self._operator_bytes is None:
+            self._operator_bytes = estimate_operator_bytes(self.objective, self.estimator.hvp_method)
+        # Ranks with different shard sizes must reach the same decision, or collectives would hang.
+        needed = self.objective.group.max_int(self._operator_bytes + extra_bytes)
+        if needed <= self.memory_budget:
+            return None
+        return (
+            f"skipped before allocating: it needs about {format_bytes(needed)} (an estimate: "
+            f"{format_bytes(self._operator_bytes)} for the gradient graph with --hvp-method "
+            f"{self.estimator.hvp_method}, {format_bytes(extra_bytes)} for {vectors}), more than the memory "
+            f"budget of {format_bytes(self.memory_budget)}. Raise --memory-budget, {remedy}, or lower "
+            "--max-samples"
+        )
 
     def hessian(self) -> HessianOperator:
         if self._hessian is None:
@@ -138,7 +162,7 @@ class Analyzer(ABC):
 
     @classmethod
     def metric_uncertainty(cls, metric: str, result: Mapping[str, Any]) -> float:
-        """One standard error (or error bound) of ``metric`` in a result dict; 0 for exact values."""
+        """Return one standard error (or error bound) of ``metric`` in a result dict; 0 for exact values."""
         return 0.0
 
     def skip_reason(self, context: AnalysisContext) -> str | None:

@@ -14,9 +14,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import torch
 
 from stabcheck.analyzers.base import AnalysisContext, Analyzer, AnalyzerResult, finite_or_none
 from stabcheck.engine.density import spectral_density
+from stabcheck.engine.lanczos import basis_bytes
 from stabcheck.engine.hvp import module_blocks, restricted_operator
 from stabcheck.engine.trace import TraceEstimate, hutch_plus_plus, hutchinson
 
@@ -80,6 +82,20 @@ class HessianTraceAnalyzer(Analyzer):
 
     def run(self, context: AnalysisContext) -> AnalyzerResult:
         settings = context.estimator
+        objective = context.objective
+        itemsize = torch.finfo(objective.dtype).bits // 8
+        if settings.trace_method == "hutch++":
+            # The sketch and its orthonormal basis, each a third of the products wide.
+            probes = settings.trace_probes or settings.trace_max_probes
+            vectors = 2 * (probes // 3 + 1) + 3
+        else:
+            vectors = 4
+        extra = max(vectors * objective.dim * itemsize, basis_bytes(objective.dim, settings.density_steps, objective.dtype))
+        shortfall = context.memory_shortfall(
+            extra, "the probe vectors and the density's Lanczos basis", "lower --density-steps or --trace-probes"
+        )
+        if shortfall is not None:
+            return AnalyzerResult.skipped(shortfall)
         operator = context.hessian()
         notes: list[str] = []
         common = {"seed": context.seed, "dtype": operator.dtype, "device": operator.device}

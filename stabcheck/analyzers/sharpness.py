@@ -19,7 +19,7 @@ import torch
 
 from stabcheck.analyzers.base import AnalysisContext, Analyzer, AnalyzerResult, finite_or_none
 from stabcheck.engine.hvp import module_blocks, restricted_operator, scaled_operator
-from stabcheck.engine.lanczos import LanczosResult, lanczos
+from stabcheck.engine.lanczos import LanczosResult, basis_bytes, lanczos
 from stabcheck.loading.optimizer import TrainingSettings
 
 NUM_REPORTED_RITZ = 10
@@ -133,6 +133,13 @@ class SharpnessAnalyzer(Analyzer):
 
     def run(self, context: AnalysisContext) -> AnalyzerResult:
         settings = context.estimator
+        shortfall = context.memory_shortfall(
+            basis_bytes(context.objective.dim, settings.lanczos_max_iter, context.objective.dtype),
+            f"the Lanczos basis of {settings.lanczos_max_iter} steps",
+            "lower --lanczos-iters",
+        )
+        if shortfall is not None:
+            return AnalyzerResult.skipped(shortfall)
         operator = context.hessian()
         threshold = stability_threshold(context.training)
         notes: list[str] = []

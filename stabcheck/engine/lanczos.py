@@ -60,6 +60,12 @@ class LanczosResult:
         return self.bottom_residuals <= self.tol * self.scale
 
 
+def basis_bytes(dim: int, max_iter: int, dtype: torch.dtype) -> int:
+    """Return the bytes of the Krylov basis of :func:`lanczos` plus its three work vectors."""
+    steps = max(1, min(max_iter, dim))
+    return (steps + 1 + 3) * dim * (torch.finfo(dtype).bits // 8)
+
+
 def lanczos(
     matvec: Matvec,
     dim: int,

@@ -1,0 +1,63 @@
+"""Memory budgets of the Hessian analyzers: the estimate, and skipping before allocating."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cases import CASE_NAMES, make_case
+from stabcheck.cli import app
+from stabcheck.engine.hvp import estimate_operator_bytes
+from stabcheck.engine.lanczos import basis_bytes
+from stabcheck.engine.memory import saved_tensor_meter
+from stabcheck.engine.objective import Objective, builtin_loss
+from toy_project import write_toy_project
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_operator_estimate_scales_saved_tensors(name):
+    """The estimate from two small probes matches three times the whole set's saved tensors."""
+    case = make_case(name)
+    objective = Objective(case.model, case.inputs, case.targets, builtin_loss(case.loss), dtype=torch.float64)
+    params = {key: value.clone().requires_grad_(True) for key, value in objective.point.items()}
+    with saved_tensor_meter(exclude=params.values()) as saved:
+        loss = objective.chunk_loss(params, objective.inputs, objective.targets)
+        torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
+    expected = 3 * saved[0] + 3 * objective.dim * 8
+    estimate = estimate_operator_bytes(objective, "retained")
+    assert estimate == pytest.approx(expected, rel=0.15)
+
+
+def test_lanczos_basis_bytes():
+    assert basis_bytes(1000, 100, torch.float32) == (100 + 1 + 3) * 1000 * 4
+    assert basis_bytes(10, 100, torch.float64) == (10 + 1 + 3) * 10 * 8
+
+
+def test_small_budget_skips_with_the_estimate(tmp_path):
+    project = write_toy_project(tmp_path / "toy")
+    output = tmp_path / "r.json"
+    base = [
+        "analyze", str(project.checkpoint), "--model", project.spec("build_model"), "--data", project.spec("load_data"),
+        "--analyzers", "sharpness,hessian-trace", "--trace-probes", "30",
+    ]
+    result = runner.invoke(app, [*base, "--memory-budget", "2KB", "--json", str(output)])
+    assert result.exit_code == 0, result.output
+    analyzers = json.loads(output.read_text())["results"][0]["analyzers"]
+    for analyzer_id in ("sharpness", "hessian-trace"):
+        assert analyzers[analyzer_id]["status"] == "skipped"
+        note = analyzers[analyzer_id]["notes"][0]
+        assert "needs about" in note
+        assert "memory budget of 2.0 KiB" in note
+    # A gate the user set on a skipped analyzer makes the run inconclusive, not a pass.
+    gated = runner.invoke(app, [*base, "--memory-budget", "2KB", "--gate", "sharpness.edge_ratio<=1.2"])
+    assert gated.exit_code == 3, gated.output
+    roomy = runner.invoke(app, [*base, "--memory-budget", "1GB", "--json", str(output)])
+    assert roomy.exit_code == 0, roomy.output
+    analyzers = json.loads(output.read_text())["results"][0]["analyzers"]
+    assert analyzers["sharpness"]["status"] == "ok"
+    assert analyzers["hessian-trace"]["status"] == "ok"
