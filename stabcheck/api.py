@@ -31,7 +31,9 @@ from stabcheck.engine.hvp import HVP_METHODS
 from stabcheck.engine.memory import default_budget
 from stabcheck.engine.objective import (
     MODEL_MODES,
+    NonFiniteError,
     Objective,
+    kernel_notes,
     PerExampleLoss,
     builtin_loss,
 )
@@ -102,6 +104,7 @@ def analyze(
     strict: bool = False,
     baseline: str | Path | Baseline | None = None,
     distributed: SingleProcess | None = None,
+    forward_dtype: str | None = None,
 ) -> Report:
     """Run the chosen analyzers on ``model`` at each checkpoint (or at its current weights).
 
@@ -119,6 +122,9 @@ def analyze(
     ``gates``, ``strict`` and ``baseline`` (a previous JSON report's path, or a
     :class:`~stabcheck.baseline.Baseline` from :func:`~stabcheck.baseline.load_baseline` to set
     tolerances) are passed to :func:`judge`.
+    ``forward_dtype`` (``bfloat16`` or ``float16``) runs the model's forward pass under
+    ``torch.autocast`` in that dtype, while parameters, losses, gradients and Hessian-vector
+    products stay in ``dtype``; an overflow is an error that names the module or parameters.
     ``distributed`` (from :func:`stabcheck.engine.distributed.connect`) splits the analysis set
     over the processes of a group. Every rank must call ``analyze`` with the same arguments,
     and every rank returns the same report.
@@ -126,6 +132,7 @@ def analyze(
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     estimator = estimator or EstimatorSettings()
     validate_settings(estimator, device, dtype)
+    validate_forward_dtype(forward_dtype, dtype)
     overrides = {
         "optimizer": optimizer,
         "lr": lr,
@@ -202,6 +209,7 @@ def analyze(
                     loss_fn, progress, memory_budget, partner,
                     "the last checkpoint of the trajectory has no next checkpoint to pair with" if lmc_consecutive else None,
                     group,
+                    forward_dtype,
                 ),
             }
         )
@@ -215,6 +223,7 @@ def analyze(
             "seed": seed,
             "device": device,
             "dtype": dtype,
+            "forward_dtype": forward_dtype,
             "torch_version": str(torch.__version__),
             "python_version": platform.python_version(),
             "host": socket.gethostname(),
@@ -243,7 +252,9 @@ def analyze(
         training=first_settings.to_json(),
         estimator=estimator.to_json(),
         results=results,
-        notes=run_notes + [note for settings in settings_per_checkpoint[:1] for note in settings.notes],
+        notes=run_notes
+        + kernel_notes(model, torch.device(device))
+        + [note for settings in settings_per_checkpoint[:1] for note in settings.notes],
     )
     return judge(report, gates=gates, strict=strict, baseline=baseline)
 
@@ -352,6 +363,22 @@ def validate_settings(estimator: EstimatorSettings, device: str, dtype: str) -> 
         raise UsageError(
             f"--density-probes must be at least 1 and --density-steps at least 2, got "
             f"{estimator.density_probes} and {estimator.density_steps}."
+        )
+
+
+FORWARD_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def validate_forward_dtype(forward_dtype: str | None, dtype: str) -> None:
+    """Check a mixed-precision request: a half-precision forward over float32 parameters."""
+    if forward_dtype is None:
+        return
+    if forward_dtype not in FORWARD_DTYPES:
+        raise UsageError(f"--forward-dtype {forward_dtype!r} is unknown; use bfloat16 or float16.")
+    if dtype != "float32":
+        raise UsageError(
+            f"--forward-dtype {forward_dtype} needs --dtype float32: autocast runs the forward in half "
+            f"precision and accumulates in float32, and --dtype {dtype} would hide that."
         )
 
 
@@ -470,6 +497,7 @@ def _run_analyzers(
     partner: tuple[torch.nn.Module, dict[str, Any]] | None = None,
     partner_missing: str | None = None,
     group: SingleProcess = SINGLE_PROCESS,
+    forward_dtype: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     objective = Objective(
         model,
@@ -481,6 +509,7 @@ def _run_analyzers(
         device=device,
         mode=model_mode,
         group=group,
+        forward_dtype=None if forward_dtype is None else FORWARD_DTYPES[forward_dtype],
     )
     context = AnalysisContext(
         model=model,
@@ -507,7 +536,11 @@ def _run_analyzers(
                 except StabcheckError:
                     raise
                 except (RuntimeError, ValueError, ArithmeticError, MemoryError) as error:
-                    log.exception("analyzer %s failed", analyzer.id)
+                    if isinstance(error, NonFiniteError):
+                        # The message names the module or parameters; a traceback adds nothing.
+                        log.error("analyzer %s: %s", analyzer.id, error)
+                    else:
+                        log.exception("analyzer %s failed", analyzer.id)
                     if group.is_distributed:
                         # The other ranks may wait in a collective for this rank's share, so the
                         # run stops here; torchrun then stops the other ranks.

@@ -105,6 +105,7 @@ def analyze(
     seed: Annotated[Optional[int], typer.Option(help="Seed for start vectors and probes (default 0).")] = None,
     device: Annotated[Optional[DeviceChoice], typer.Option(help="Device to run on (default cpu).")] = None,
     dtype: Annotated[Optional[DtypeChoice], typer.Option(help="Floating-point type of the analysis (default float32).")] = None,
+    forward_dtype: Annotated[Optional[str], typer.Option(help="Mixed precision: run the model's forward pass in bfloat16 or float16 under torch.autocast while parameters, losses, gradients and Hessian-vector products stay in float32 (needs --dtype float32).")] = None,
     model_mode: Annotated[Optional[str], typer.Option(help="eval (default: BatchNorm running statistics, dropout off) or train-bn-batch-stats (BatchNorm on the statistics of the whole analysis set as one batch, dropout off).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="Config file. Default: ./stabcheck.toml, then the \\[tool.stabcheck] table of ./pyproject.toml.")] = None,
     json_path: Annotated[Optional[str], typer.Option("--json", help="Write the JSON report to this path; '-' writes it to stdout.")] = None,
@@ -153,6 +154,7 @@ def analyze(
                 analyzers=analyzers, lr=lr, optimizer=optimizer.value if optimizer else None, momentum=momentum,
                 batch_size=batch_size, weight_decay=weight_decay, max_samples=max_samples, seed=seed,
                 device=device.value if device else None, dtype=dtype.value if dtype else None,
+                forward_dtype=forward_dtype,
                 weight_set=weight_set, lanczos_iters=lanczos_iters, lanczos_tol=lanczos_tol, top_k=top_k,
                 hvp_method=hvp_method, trace_method=trace_method, trace_probes=trace_probes,
                 trace_rel_stderr=trace_rel_stderr, trace_max_probes=trace_max_probes,
@@ -259,7 +261,9 @@ def _run(
     defaults = EstimatorSettings()
     estimator = EstimatorSettings(
         lanczos_max_iter=setting("lanczos_iters", defaults.lanczos_max_iter),
-        lanczos_tol=float(setting("lanczos_tol", defaults.lanczos_tol)),
+        # A half-precision forward makes products noisy at about 1e-3, so the default tolerance
+        # of a float32 analysis could never be met; a looser one is the default there.
+        lanczos_tol=float(setting("lanczos_tol", HALF_PRECISION_LANCZOS_TOL if setting("forward_dtype") else defaults.lanczos_tol)),
         top_k=setting("top_k", defaults.top_k),
         hvp_method=setting("hvp_method", defaults.hvp_method),
         trace_method=setting("trace_method", defaults.trace_method),
@@ -301,6 +305,7 @@ def _run(
             seed=setting("seed", 0),
             device=setting("device", "cpu"),
             dtype=setting("dtype", "float32"),
+            forward_dtype=setting("forward_dtype"),
             model_mode=setting("model_mode", "eval"),
             estimator=estimator,
             gates=gates,
@@ -372,6 +377,10 @@ def _agreed_exit_code(code: int) -> int:
     rank = _launch().rank
     disconnect()
     return code if rank == 0 else 0
+
+
+# Default Lanczos tolerance with --forward-dtype: residual over the largest Ritz value.
+HALF_PRECISION_LANCZOS_TOL = 1e-2
 
 
 def _memory_budget(value: Any) -> int | None:

@@ -35,6 +35,7 @@ KNOWN_KEYS = {
     "seed": int,
     "device": str,
     "dtype": str,
+    "forward_dtype": str,
     "model_mode": str,
     "lanczos_iters": int,
     "lanczos_tol": (int, float),

@@ -39,6 +39,18 @@ def base_environment() -> dict[str, str]:
 
 
 def launch_ranks(arguments: list[str], world_size: int = 2, timeout: float = LAUNCH_TIMEOUT_S) -> list[tuple[int, str, str]]:
+    """Start one `python -m stabcheck` per rank, again on a new port if the first was taken meanwhile.
+
+    free_port() releases the port before rank 0 binds it, so another process can take it in
+    between; only that failure is retried.
+    """
+    outcomes = _launch_once(arguments, world_size, timeout)
+    if any("address already in use" in stderr.lower() for _, _, stderr in outcomes):
+        outcomes = _launch_once(arguments, world_size, timeout)
+    return outcomes
+
+
+def _launch_once(arguments: list[str], world_size: int, timeout: float) -> list[tuple[int, str, str]]:
     """Start one `python -m stabcheck` per rank with the variables torchrun would set."""
     port = str(free_port())
     processes = []

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from stabcheck.engine.memory import saved_tensor_meter
-from stabcheck.engine.objective import Objective, ParameterLayout
+from stabcheck.engine.objective import NonFiniteError, Objective, ParameterLayout, nonfinite_parameters
 
 HVP_METHODS = ("retained", "recompute")
 
@@ -60,6 +60,7 @@ class HessianOperator:
                 ]
             )
         )
+        _check_finite(self.layout, self.gradient, "the gradient")
         if method == "retained":
             self._retained = gradients
 
@@ -99,9 +100,11 @@ class HessianOperator:
                 gradients = torch.autograd.grad(term, self._params, create_graph=True, allow_unused=True)
                 products = [_add(a, b) for a, b in zip(products, self._second_order(list(gradients), pieces, retain=False))]
         self.num_matvecs += 1
-        return self.objective.group.sum_(
+        product = self.objective.group.sum_(
             self.layout.flatten([torch.zeros_like(p) if h is None else h for p, h in zip(self._params, products)])
         )
+        _check_finite(self.layout, product, "a Hessian-vector product")
+        return product
 
     def _second_order(
         self, gradients: list[torch.Tensor | None], pieces: list[torch.Tensor], *, retain: bool
@@ -159,6 +162,18 @@ def estimate_operator_bytes(objective: Objective, method: str) -> int:
     kept = objective.num_samples if method == "retained" else min(objective.chunk_size, objective.num_samples)
     itemsize = torch.finfo(objective.dtype).bits // 8
     return int(3 * (fixed + per_example * kept)) + 3 * objective.dim * itemsize
+
+
+def _check_finite(layout: ParameterLayout, vector: torch.Tensor, what: str) -> None:
+    """Raise NonFiniteError naming the parameters where ``vector`` has inf or NaN entries."""
+    if bool(torch.isfinite(vector).all()):
+        return
+    names = nonfinite_parameters(layout, vector)
+    raise NonFiniteError(
+        f"{what} has inf or NaN entries for parameter(s) {', '.join(names[:5])}"
+        f"{' and more' if len(names) > 5 else ''}, so no estimate is reported. With --forward-dtype "
+        "float16 this is usually an overflow; use bfloat16 or float32."
+    )
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:

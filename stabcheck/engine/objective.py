@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +138,7 @@ class Objective:
         training: bool = False,
         mode: str = "eval",
         group: SingleProcess | None = None,
+        forward_dtype: torch.dtype | None = None,
     ) -> None:
         if mode not in MODEL_MODES:
             raise ValueError(f"model mode {mode!r} is unknown; use one of {', '.join(MODEL_MODES)}")
@@ -144,6 +146,9 @@ class Objective:
         self.model = model
         self.loss_fn = loss
         self.dtype = dtype
+        # Mixed precision: the forward runs under torch.autocast in this dtype, while the
+        # parameters, the loss, gradients and Hessian-vector products stay in ``dtype``.
+        self.forward_dtype = forward_dtype
         self.device = torch.device(device)
         self.training = training
         self.inputs = _cast(inputs, dtype, self.device)
@@ -193,8 +198,21 @@ class Objective:
         # Buffers are cloned for each call so that a train-mode forward cannot update them in place.
         state = {**self.frozen, **params, **{name: b.clone() for name, b in self.buffers.items()}}
         batch_stats = self.mode == "train-bn-batch-stats"
-        with module_mode(self.model, training=self.training or batch_stats, batchnorm_only=batch_stats):
-            return functional_call(self.model, state, (inputs,), strict=True)
+        with module_mode(self.model, training=self.training or batch_stats, batchnorm_only=batch_stats), double_backward_kernels(
+            self.model, self.device
+        ):
+            if self.forward_dtype is None:
+                return functional_call(self.model, state, (inputs,), strict=True)
+            with torch.autocast(device_type=self.device.type, dtype=self.forward_dtype):
+                outputs = functional_call(self.model, state, (inputs,), strict=True)
+            if outputs.is_floating_point() and not bool(torch.isfinite(outputs).all()):
+                raise NonFiniteError(
+                    f"the model's outputs overflowed in {str(self.forward_dtype).replace('torch.', '')} "
+                    f"(first in {first_overflowing_module(self, state, inputs)}). Use a wider "
+                    "--forward-dtype (bfloat16 has float32's range) or analyze without it."
+                )
+            # The loss and everything after it accumulate in the analysis dtype.
+            return outputs.to(self.dtype) if outputs.is_floating_point() else outputs
 
     def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, self.num_samples, self.chunk_size):
@@ -243,6 +261,82 @@ class Objective:
             if self.group.is_distributed:
                 total = self.group.sum_(total.reshape(1).clone())[0]
         return float(total)
+
+
+@contextlib.contextmanager
+def double_backward_kernels(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """Select kernels that support a second backward pass for a forward on ``device``.
+
+    On CUDA, fused scaled_dot_product_attention kernels (flash, memory-efficient) and cuDNN's
+    RNN kernels have no double backward. Attention then runs its math kernel, and cuDNN is
+    switched off for models that contain an RNN. Dropout stays off either way. On the CPU the
+    default kernels support double backward, and nothing changes.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    # NOTE: no GPU was available when this was written; the CUDA path is checked on the CPU only.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        if uses_rnn(model):
+            stack.enter_context(torch.backends.cudnn.flags(enabled=False))
+        yield
+
+
+def uses_rnn(model: torch.nn.Module) -> bool:
+    return any(isinstance(module, torch.nn.RNNBase) for module in model.modules())
+
+
+def kernel_notes(model: torch.nn.Module, device: torch.device) -> list[str]:
+    """Describe the kernel choices of :func:`double_backward_kernels` for the report."""
+    if device.type != "cuda":
+        return []
+    notes = [
+        "on CUDA, scaled_dot_product_attention runs its math kernel during the analysis, because the "
+        "fused kernels have no double backward"
+    ]
+    if uses_rnn(model):
+        notes.append("cuDNN is off during the analysis, because its RNN kernels have no double backward")
+    return notes
+
+
+class NonFiniteError(ArithmeticError):
+    """A forward pass, gradient or Hessian-vector product produced inf or NaN."""
+
+
+def first_overflowing_module(objective: Objective, state: Mapping[str, torch.Tensor], inputs: torch.Tensor) -> str:
+    """Run the forward again with hooks and describe the first module whose output is not finite."""
+    found: list[str] = []
+
+    def watch(name: str):
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            if not found and isinstance(output, torch.Tensor) and output.is_floating_point():
+                if not bool(torch.isfinite(output).all()):
+                    found.append(name or "(root)")
+
+        return hook
+
+    handles = [module.register_forward_hook(watch(name)) for name, module in objective.model.named_modules()]
+    try:
+        with torch.no_grad(), torch.autocast(device_type=objective.device.type, dtype=objective.forward_dtype):
+            functional_call(objective.model, state, (inputs,), strict=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # Hooks fire when a module finishes, so the innermost overflowing module comes first.
+    if not found:
+        return "an operation outside the model's modules"
+    name = found[0]
+    module = objective.model if name == "(root)" else objective.model.get_submodule(name)
+    owned = [f"{name}.{key}" if name != "(root)" else key for key, _ in module.named_parameters(recurse=False)]
+    return f"module {name!r}" + (f", parameters {', '.join(owned)}" if owned else "")
+
+
+def nonfinite_parameters(layout: ParameterLayout, vector: torch.Tensor) -> list[str]:
+    """Return the names of the parameters whose slice of a flat vector has inf or NaN entries."""
+    return [name for name, piece in zip(layout.names, layout.unflatten(vector)) if not bool(torch.isfinite(piece).all())]
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
