@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from make_text_set import TOPICS, build_text_set
+from bench_scaling import peak_resident_bytes, resident_bytes
 from bench_sharpness import stabcheck_revision
 from minilm import INSTALL_COMMAND, SentenceClassifier, load_encoder, model_dir
 
@@ -152,18 +152,6 @@ def load_trained(checkpoint: Path) -> SentenceClassifier:
 
 # ---------------------------------------------------------------------------------------------
 # Child processes: one analyzer, or the cost of one gradient and one Hessian-vector product
-
-
-def resident_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("VmRSS not found in /proc/self/status")
-
-
-def peak_resident_bytes() -> int:
-    # On Linux ru_maxrss is in KiB.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_analyzer(analyzer_id: str, checkpoint: Path, analysis_size: int) -> dict:
