@@ -61,3 +61,23 @@ def test_small_budget_skips_with_the_estimate(tmp_path):
     analyzers = json.loads(output.read_text())["results"][0]["analyzers"]
     assert analyzers["sharpness"]["status"] == "ok"
     assert analyzers["hessian-trace"]["status"] == "ok"
+
+
+def test_every_analyzer_skips_over_budget(tmp_path):
+    """Each analyzer estimates its memory first and is skipped, with the estimate, when it does not fit."""
+    project = write_toy_project(tmp_path / "toy")
+    partner = write_toy_project(tmp_path / "partner", steps=5)
+    output = tmp_path / "r.json"
+    result = runner.invoke(
+        app,
+        [
+            "analyze", str(project.checkpoint), "--model", project.spec("build_model"), "--data", project.spec("load_data"),
+            "--lmc-with", str(partner.checkpoint), "--memory-budget", "1KB", "--json", str(output),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    analyzers = json.loads(output.read_text())["results"][0]["analyzers"]
+    assert set(analyzers) == {"sharpness", "hessian-trace", "gradient-coherence", "lmc", "softmax-collapse", "neural-collapse"}
+    for analyzer_id, outcome in analyzers.items():
+        assert outcome["status"] == "skipped", analyzer_id
+        assert "memory budget" in outcome["notes"][0], analyzer_id

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from stabcheck.engine.hvp import HessianOperator, estimate_operator_bytes
+from stabcheck.engine.hvp import HessianOperator, estimate_operator_bytes, saved_bytes_fit
 from stabcheck.engine.memory import format_bytes
 from stabcheck.engine.objective import Objective
 from stabcheck.loading.data import AnalysisSet
@@ -108,7 +108,7 @@ class AnalysisContext:
     _operator_bytes: int | None = None
 
     def memory_shortfall(self, extra_bytes: int, vectors: str, remedy: str) -> str | None:
-        """Return why an analysis does not fit the memory budget, or None when it fits.
+        """Return why a Hessian analysis does not fit the memory budget, or None when it fits.
 
         The estimate is the Hessian operator's gradient graph plus ``extra_bytes`` of the
         analysis's own vectors. ``vectors`` describes them and ``remedy`` names the option that lowers them.
@@ -117,17 +117,31 @@ class AnalysisContext:
             return None
         if self._operator_bytes is None:
             self._operator_bytes = estimate_operator_bytes(self.objective, self.estimator.hvp_method)
+        parts = {f"the gradient graph with --hvp-method {self.estimator.hvp_method}": self._operator_bytes, vectors: extra_bytes}
+        return self.budget_shortfall(parts, remedy)
+
+    def budget_shortfall(self, parts: Mapping[str, int], remedy: str | None) -> str | None:
+        """Return why the estimated ``parts`` (description to bytes) exceed the budget, or None."""
+        if self.memory_budget is None:
+            return None
         # Ranks with different shard sizes must reach the same decision, or collectives would hang.
-        needed = self.objective.group.max_int(self._operator_bytes + extra_bytes)
+        needed = self.objective.group.max_int(int(sum(parts.values())))
         if needed <= self.memory_budget:
             return None
+        listed = ", ".join(f"{format_bytes(size)} for {what}" for what, size in parts.items())
         return (
-            f"skipped before allocating: it needs about {format_bytes(needed)} (an estimate: "
-            f"{format_bytes(self._operator_bytes)} for the gradient graph with --hvp-method "
-            f"{self.estimator.hvp_method}, {format_bytes(extra_bytes)} for {vectors}), more than the memory "
-            f"budget of {format_bytes(self.memory_budget)}. Raise --memory-budget, {remedy}, or lower "
-            "--max-samples"
+            f"skipped before allocating: it needs about {format_bytes(needed)} (an estimate: {listed}), more "
+            f"than the memory budget of {format_bytes(self.memory_budget)}. Raise --memory-budget, "
+            + (f"{remedy}, " if remedy else "")
+            + "or lower --max-samples"
         )
+
+    def activation_bytes(self, examples: int, *, with_graph: bool) -> int:
+        """Estimate the bytes of a forward pass over ``examples``, with one gradient's graph or without."""
+        fixed, per_example = saved_bytes_fit(self.objective, create_graph=False)
+        # A forward without a graph keeps about one layer's activations alive. Counting all of
+        # them, as a graph would, errs on the safe side.
+        return int(fixed + per_example * min(examples, self.objective.num_samples)) * (2 if with_graph else 1)
 
     def hessian(self) -> HessianOperator:
         if self._hessian is None:

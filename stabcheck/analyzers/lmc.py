@@ -33,6 +33,7 @@ from stabcheck.engine.alignment import (
 )
 from stabcheck.engine.hvp import module_blocks
 from stabcheck.engine.interpolate import (
+    EVALUATION_BATCH,
     ArchitectureMismatch,
     PointValue,
     check_same_architecture,
@@ -95,6 +96,16 @@ class LmcAnalyzer(Analyzer):
         settings = context.estimator
         objective = context.objective
         dtype, device = objective.dtype, objective.device
+        weight_bytes = sum(t.numel() for t in context.model.state_dict().values()) * (torch.finfo(dtype).bits // 8)
+        shortfall = context.budget_shortfall(
+            {
+                "four copies of the weights (A, B, a point between them, a module swapped in)": 4 * weight_bytes,
+                f"forward passes of {EVALUATION_BATCH} examples": context.activation_bytes(EVALUATION_BATCH, with_graph=False),
+            },
+            "use --no-lmc-layers",
+        )
+        if shortfall is not None:
+            return AnalyzerResult.skipped(shortfall)
         state_a = _cast_state(context.model.state_dict(), dtype, device)
         state_b = _cast_state(context.partner.state_dict(), dtype, device)
         try:

@@ -88,6 +88,17 @@ class NeuralCollapseAnalyzer(Analyzer):
                 "(and --max-samples, if set), or leave neural-collapse out of --analyzers."
             )
 
+        width = layer.weight.shape[1] if isinstance(getattr(layer, "weight", None), torch.Tensor) else 0
+        shortfall = context.budget_shortfall(
+            {
+                "the float64 class sums and scatter matrices": (num_classes * width + 2 * width * width) * 8,
+                f"forward passes of {FEATURE_BATCH} examples": context.activation_bytes(FEATURE_BATCH, with_graph=False),
+            },
+            "analyze a narrower feature layer with --feature-layer",
+        )
+        if shortfall is not None:
+            return AnalyzerResult.skipped(shortfall)
+
         accumulator = None
         for features, batch_labels, _ in _feature_batches(context, layer):
             if accumulator is None:

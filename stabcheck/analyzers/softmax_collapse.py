@@ -79,6 +79,16 @@ class SoftmaxCollapseAnalyzer(Analyzer):
 
     def run(self, context: AnalysisContext) -> AnalyzerResult:
         objective = context.objective
+        classes = context.data.num_classes or 1
+        shortfall = context.budget_shortfall(
+            {
+                "the logits and their casts to four dtypes": objective.num_samples * classes * 32,
+                "one gradient over the analysis set": context.activation_bytes(objective.num_samples, with_graph=True),
+            },
+            None,
+        )
+        if shortfall is not None:
+            return AnalyzerResult.skipped(shortfall)
         logits = _logits(context)
         if logits.dim() != 2 or logits.shape[1] < 2:
             return AnalyzerResult.skipped(

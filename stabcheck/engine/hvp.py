@@ -134,17 +134,13 @@ class HessianOperator:
 PROBE_SIZES = (4, 12)
 
 
-def estimate_operator_bytes(objective: Objective, method: str) -> int:
-    """Estimate the bytes a :class:`HessianOperator` of ``objective`` keeps while it is used.
+def saved_bytes_fit(objective: Objective, *, create_graph: bool) -> tuple[float, float]:
+    """Return (fixed, per-example) bytes that autograd saves for the loss and its gradient.
 
-    Autograd's saved tensors are measured on a forward and a create_graph backward over two
-    small numbers of examples. Their difference gives the bytes per example, and the rest is a
-    fixed part (weight-sized tensors that the backward saves). The per-example part is scaled to
-    the examples the method keeps in memory at once: every example for ``retained``, one chunk for
-    ``recompute``. It is counted three times, for the first backward's graph and the gradient
-    tensors of both backward passes, and three flat vectors are added. On the digits MLP of the
-    fixtures the estimate came within 10% of the resident memory the operator added (16.8 MiB
-    measured for 1797 examples).
+    Saved tensors are measured over two small numbers of examples. Their difference gives the
+    bytes per example, and the rest is a fixed part (weight-sized tensors that the backward saves).
+    ``create_graph`` measures the graph that Hessian-vector products need; without it, one
+    gradient's.
     """
     params = {name: value.clone().requires_grad_(True) for name, value in objective.point.items()}
     measured = []
@@ -152,13 +148,25 @@ def estimate_operator_bytes(objective: Objective, method: str) -> int:
     for count in sizes:
         with torch.enable_grad(), saved_tensor_meter(exclude=params.values()) as saved:
             loss = objective.chunk_loss(params, objective.inputs[:count], objective.targets[:count])
-            torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
+            torch.autograd.grad(loss, list(params.values()), create_graph=create_graph, allow_unused=True)
         measured.append(saved[0])
-    if len(sizes) == 2:
-        per_example = max(measured[1] - measured[0], 0) / (sizes[1] - sizes[0])
-        fixed = max(measured[0] - per_example * sizes[0], 0)
-    else:
-        per_example, fixed = measured[0] / sizes[0], 0.0
+    if len(sizes) == 1:
+        return 0.0, measured[0] / sizes[0]
+    per_example = max(measured[1] - measured[0], 0) / (sizes[1] - sizes[0])
+    return max(measured[0] - per_example * sizes[0], 0.0), per_example
+
+
+def estimate_operator_bytes(objective: Objective, method: str) -> int:
+    """Estimate the bytes a :class:`HessianOperator` of ``objective`` keeps while it is used.
+
+    The per-example part of :func:`saved_bytes_fit` is scaled to the examples the method keeps
+    in memory at once: every example for ``retained``, one chunk for ``recompute``. It is
+    counted three times, for the first backward's graph and the gradient tensors of both
+    backward passes, and three flat vectors are added. On the digits MLP of the fixtures the
+    estimate came within 10% of the resident memory the operator added (16.8 MiB measured for
+    1797 examples).
+    """
+    fixed, per_example = saved_bytes_fit(objective, create_graph=True)
     kept = objective.num_samples if method == "retained" else min(objective.chunk_size, objective.num_samples)
     itemsize = torch.finfo(objective.dtype).bits // 8
     return int(3 * (fixed + per_example * kept)) + 3 * objective.dim * itemsize
