@@ -161,9 +161,9 @@ def analyze(
     shard = analysis_set.shard(group.rank, group.world_size)
     memory_budget = estimator.memory_budget or default_budget(torch.device(device))
     run_notes: list[str] = []
-    ordered = _order_checkpoints(checkpoint_paths, trust_checkpoint, weight_set, run_notes)
+    ordered, stored_steps = _order_checkpoints(checkpoint_paths, trust_checkpoint, weight_set, run_notes)
     if baseline is not None:
-        _check_baseline_pairing(baseline, ordered, step, trust_checkpoint, weight_set)
+        _check_baseline_pairing(baseline, ordered, stored_steps, step, trust_checkpoint, weight_set)
 
     checkpoint_entries: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
@@ -412,14 +412,24 @@ def check_lmc_request(
 
 
 def _check_baseline_pairing(
-    baseline: Baseline, paths: list[Path], step: int | None, trust: bool, weight_set: str | None
+    baseline: Baseline,
+    paths: list[Path],
+    stored_steps: list[int | None] | None,
+    step: int | None,
+    trust: bool,
+    weight_set: str | None,
 ) -> None:
-    """Raise before the analysis when the baseline's checkpoints cannot be paired with these."""
+    """Raise before the analysis when the baseline's checkpoints cannot be paired with these.
+
+    ``stored_steps`` are the steps that ordering the checkpoints already read, when it read them.
+    """
     old = baseline.document.get("checkpoints") or []
     if not paths:
         entries = [{"step": step}]
     elif len(paths) == 1 and len(old) == 1:
         entries = [{"step": None}]
+    elif stored_steps is not None:
+        entries = [{"step": value} for value in stored_steps]
     else:
         entries = [{"step": load_checkpoint(path, trust=trust, weight_set=weight_set).step} for path in paths]
     match_checkpoints(entries, old, baseline.path)
@@ -433,10 +443,16 @@ def _prepare_partner(
     return partner, {key: entry[key] for key in ("path", "sha256", "format", "step", "weight_set")}
 
 
-def _order_checkpoints(paths: list[Path], trust: bool, weight_set: str | None, notes: list[str]) -> list[Path]:
-    """Sort checkpoints by stored training step, or keep the given order when any has no step."""
+def _order_checkpoints(
+    paths: list[Path], trust: bool, weight_set: str | None, notes: list[str]
+) -> tuple[list[Path], list[int | None] | None]:
+    """Sort checkpoints by stored training step, or keep the given order when any has no step.
+
+    Returns the ordered paths and their stored steps, or None for the steps when a single
+    checkpoint needed no reading.
+    """
     if len(paths) <= 1:
-        return paths
+        return paths, None
     steps = []
     for position, path in enumerate(paths):
         checkpoint = load_checkpoint(path, trust=trust, weight_set=weight_set)
@@ -447,8 +463,9 @@ def _order_checkpoints(paths: list[Path], trust: bool, weight_set: str | None, n
             f"{len(without_step)} checkpoint(s) store no training step ({', '.join(without_step[:5])}), "
             "so the trajectory keeps the order in which the files were given"
         )
-        return paths
-    return [path for _, _, path in sorted(steps, key=lambda item: (item[0], item[1]))]
+        return paths, [value for value, _, _ in steps]
+    ordered = sorted(steps, key=lambda item: (item[0], item[1]))
+    return [path for _, _, path in ordered], [value for value, _, _ in ordered]
 
 
 def _prepare_model(
