@@ -81,3 +81,26 @@ def test_every_analyzer_skips_over_budget(tmp_path):
     for analyzer_id, outcome in analyzers.items():
         assert outcome["status"] == "skipped", analyzer_id
         assert "memory budget" in outcome["notes"][0], analyzer_id
+
+
+def test_graph_over_budget_recomputes_in_chunks():
+    """When every example's graph does not fit but a chunk's does, products recompute by chunk."""
+    from stabcheck.analyzers.base import EstimatorSettings
+    from stabcheck.api import analyze
+    from stabcheck.engine.hvp import saved_bytes_fit
+
+    case = make_case("mlp")
+    data = (case.inputs, case.targets)
+    settings = {"loss": case.loss, "lr": 0.1, "analyzers": ["sharpness"], "dtype": "float64"}
+    reference = analyze(case.model, data, **settings)
+    objective = Objective(case.model, case.inputs, case.targets, builtin_loss(case.loss), dtype=torch.float64)
+    fixed, per_example = saved_bytes_fit(objective, create_graph=True)
+    basis = basis_bytes(objective.dim, 100, torch.float64)
+    # Room for the graph of half the examples, but not of all of them.
+    budget = int(basis + 3 * objective.dim * 8 + 3 * fixed + 3 * per_example * objective.num_samples / 2)
+    chunked = analyze(case.model, data, **settings, estimator=EstimatorSettings(memory_budget=budget))
+    result = chunked.results[0]["analyzers"]["sharpness"]
+    assert result["status"] == "ok"
+    assert result["diagnostics"]["hvp_method"] == "recompute"
+    assert any(f"chunks of {objective.num_samples // 2} examples" in note for note in result["notes"])
+    assert chunked.metrics("sharpness")["lambda_max"] == pytest.approx(reference.metrics("sharpness")["lambda_max"], rel=1e-10)

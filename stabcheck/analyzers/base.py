@@ -106,19 +106,62 @@ class AnalysisContext:
     partner_missing: str | None = None
     _hessian: HessianOperator | None = None
     _operator_bytes: int | None = None
+    _hvp_method: str | None = None
+    # Notes on how the Hessian operator was fitted to the memory budget, for the analyzers' results.
+    operator_notes: list[str] = field(default_factory=list)
 
     def memory_shortfall(self, extra_bytes: int, vectors: str, remedy: str) -> str | None:
         """Return why a Hessian analysis does not fit the memory budget, or None when it fits.
 
         The estimate is the Hessian operator's gradient graph plus ``extra_bytes`` of the
-        analysis's own vectors. ``vectors`` describes them and ``remedy`` names the option that lowers them.
+        analysis's own vectors. ``vectors`` describes them and ``remedy`` names the option that
+        lowers them. When the graph of every example does not fit but that of a chunk does, the
+        products recompute the graph chunk by chunk instead, with a note.
         """
         if self.memory_budget is None:
             return None
+        method = self._hvp_method or self.estimator.hvp_method
         if self._operator_bytes is None:
-            self._operator_bytes = estimate_operator_bytes(self.objective, self.estimator.hvp_method)
-        parts = {f"the gradient graph with --hvp-method {self.estimator.hvp_method}": self._operator_bytes, vectors: extra_bytes}
-        return self.budget_shortfall(parts, remedy)
+            self._operator_bytes = estimate_operator_bytes(self.objective, method)
+        parts = {f"the gradient graph with --hvp-method {method}": self._operator_bytes, vectors: extra_bytes}
+        # Every rank takes the same branches, so each collective below runs on all ranks.
+        needed = self.objective.group.max_int(int(sum(parts.values())))
+        if needed <= self.memory_budget:
+            return None
+        chunk = None if self._hessian is not None else self._fitting_chunk(extra_bytes)
+        fits = self.objective.group.min_int(0 if chunk is None else 1) == 1
+        if not fits:
+            return self._shortfall_message(needed, parts, remedy)
+        self.objective.chunk_size = chunk
+        self._hvp_method = "recompute"
+        self._operator_bytes = estimate_operator_bytes(self.objective, "recompute")
+        self.operator_notes.append(
+            f"Hessian-vector products recompute the gradient graph in chunks of {chunk} examples, because "
+            f"the graph of all {self.objective.num_samples} would not fit the memory budget of "
+            f"{format_bytes(self.memory_budget)}; each product costs one more forward and backward"
+        )
+        return None
+
+    def _fitting_chunk(self, extra_bytes: int) -> int | None:
+        """Return the most examples whose recomputed graph fits the budget beside ``extra_bytes``."""
+        if self.objective.couples_examples or self.memory_budget is None:
+            return None
+        fixed, per_example = saved_bytes_fit(self.objective, create_graph=True)
+        itemsize = torch.finfo(self.objective.dtype).bits // 8
+        available = self.memory_budget - extra_bytes - 3 * self.objective.dim * itemsize - 3 * fixed
+        if per_example <= 0:
+            return self.objective.num_samples if available > 0 else None
+        chunk = int(available // (3 * per_example))
+        return min(chunk, self.objective.num_samples) if chunk >= 1 else None
+
+    def _shortfall_message(self, needed: int, parts: Mapping[str, int], remedy: str | None) -> str:
+        listed = ", ".join(f"{format_bytes(size)} for {what}" for what, size in parts.items())
+        return (
+            f"skipped before allocating: it needs about {format_bytes(needed)} (an estimate: {listed}), more "
+            f"than the memory budget of {format_bytes(self.memory_budget or 0)}. Raise --memory-budget, "
+            + (f"{remedy}, " if remedy else "")
+            + "or lower --max-samples"
+        )
 
     def budget_shortfall(self, parts: Mapping[str, int], remedy: str | None) -> str | None:
         """Return why the estimated ``parts`` (description to bytes) exceed the budget, or None."""
@@ -128,13 +171,7 @@ class AnalysisContext:
         needed = self.objective.group.max_int(int(sum(parts.values())))
         if needed <= self.memory_budget:
             return None
-        listed = ", ".join(f"{format_bytes(size)} for {what}" for what, size in parts.items())
-        return (
-            f"skipped before allocating: it needs about {format_bytes(needed)} (an estimate: {listed}), more "
-            f"than the memory budget of {format_bytes(self.memory_budget)}. Raise --memory-budget, "
-            + (f"{remedy}, " if remedy else "")
-            + "or lower --max-samples"
-        )
+        return self._shortfall_message(needed, parts, remedy)
 
     def activation_bytes(self, examples: int, *, with_graph: bool) -> int:
         """Estimate the bytes of a forward pass over ``examples``, with one gradient's graph or without."""
@@ -145,7 +182,7 @@ class AnalysisContext:
 
     def hessian(self) -> HessianOperator:
         if self._hessian is None:
-            self._hessian = HessianOperator(self.objective, method=self.estimator.hvp_method)
+            self._hessian = HessianOperator(self.objective, method=self._hvp_method or self.estimator.hvp_method)
         return self._hessian
 
     def release(self) -> None:

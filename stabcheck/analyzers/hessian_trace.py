@@ -97,7 +97,7 @@ class HessianTraceAnalyzer(Analyzer):
         if shortfall is not None:
             return AnalyzerResult.skipped(shortfall)
         operator = context.hessian()
-        notes: list[str] = []
+        notes: list[str] = list(context.operator_notes)
         common = {"seed": context.seed, "dtype": operator.dtype, "device": operator.device}
 
         if settings.trace_method == "hutch++":

@@ -142,7 +142,7 @@ class SharpnessAnalyzer(Analyzer):
             return AnalyzerResult.skipped(shortfall)
         operator = context.hessian()
         threshold = stability_threshold(context.training)
-        notes: list[str] = []
+        notes: list[str] = list(context.operator_notes)
         if threshold.note:
             notes.append(threshold.note)
 
