@@ -259,6 +259,6 @@ def disconnect() -> None:
         # Every rank reaches this point before any tears its connections down.
         # NOTE: in one test run a rank aborted at teardown ("terminate called without an active
         # exception", SIGABRT) after the report was written; the cause is not confirmed, and this
-        # barrier is a guess at it. Twenty reruns under load did not repeat the abort.
+        # barrier is a guess at it. Fourteen reruns, four of them without the barrier, did not repeat it.
         dist.barrier()
         dist.destroy_process_group()
