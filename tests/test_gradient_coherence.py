@@ -184,3 +184,38 @@ def test_opposing_pair_found_beside_common_direction():
     found = {tuple(sorted(pairs[0].first.tolist())), tuple(sorted(pairs[0].second.tolist()))}
     assert found == {tuple(range(60, 70)), tuple(range(70, 78))}
     assert pairs[0].cosine < -0.5
+
+
+class KeyQueryAttention(torch.nn.Module):
+    """Self-attention whose key bias has a zero gradient in exact arithmetic (softmax ignores it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query = torch.nn.Linear(4, 8)
+        self.key = torch.nn.Linear(4, 8)
+        self.value = torch.nn.Linear(4, 8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        weights = torch.softmax(q @ k.transpose(1, 2) / 8**0.5, dim=-1)
+        return self.head((weights @ v).mean(1))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_zero_gradient_bias_keeps_layer_rule(dtype):
+    """A bias whose gradient is rounding noise is checked against its module's scale, not its own."""
+    from stabcheck.analyzers.base import EstimatorSettings
+    from stabcheck.api import analyze
+
+    torch.manual_seed(0)
+    model = KeyQueryAttention()
+    generator = torch.Generator().manual_seed(0)
+    data = (torch.randn(40, 5, 4, generator=generator), torch.randint(0, 3, (40,), generator=generator))
+    fast = analyze(model, data, analyzers=["gradient-coherence"], dtype=dtype)
+    loop = analyze(model, data, analyzers=["gradient-coherence"], dtype=dtype, estimator=EstimatorSettings(per_example_method="loop"))
+    notes = fast.results[0]["analyzers"]["gradient-coherence"]["notes"]
+    assert not [note for note in notes if "instead" in note]
+    tolerance = 1e-12 if dtype == "float64" else 1e-5
+    for name in ("alpha", "m_coherence", "gsnr"):
+        assert fast.metrics("gradient-coherence")[name] == pytest.approx(loop.metrics("gradient-coherence")[name], rel=tolerance)

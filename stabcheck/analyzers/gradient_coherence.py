@@ -52,6 +52,10 @@ from stabcheck.engine.per_example import (
 # A parameter whose gradient variance is below this share of its mean squared gradient has a
 # constant gradient over the examples, so its GSNR is undefined and it is left out of the mean.
 CONSTANT_GRADIENT_SHARE = 1e-12
+# A parameter whose root-mean-square gradient is below this many machine epsilons of the largest
+# one's is numerically zero (such as a key bias, which softmax ignores), and its GSNR would be the
+# ratio of two rounding errors.
+ROUNDING_FLOOR_EPS = 100
 # Minimum number of candidates for the opposing-signal search: two groups of MIN_GROUP_SIZE.
 MIN_CANDIDATES = 2 * MIN_GROUP_SIZE
 # Indices listed per group in the JSON report; the group's size is always exact.
@@ -144,13 +148,14 @@ class GradientCoherenceAnalyzer(Analyzer):
             alpha = m_coherence = None
             notes.append("every per-example gradient is zero, so alpha and m_coherence are undefined")
 
-        gsnr_parts = _gsnr_parts(sums.sum_gradient, sums.sum_squares, m, objective.layout)
+        gsnr_parts = _gsnr_parts(sums.sum_gradient, sums.sum_squares, m, objective.layout, torch.finfo(objective.dtype).eps)
         gsnr = gsnr_parts.mean(objective.layout.names)
         constant = objective.dim - sum(gsnr_parts.counts.values())
         if constant:
             notes.append(
-                f"{constant} of {objective.dim} parameters have the same gradient for every example "
-                "(or none), so their GSNR is undefined and gsnr averages over the rest"
+                f"{constant} of {objective.dim} parameters have the same gradient for every example, "
+                "one at the rounding level of the dtype, or none, so their GSNR is undefined and gsnr "
+                "averages over the rest"
             )
         per_class = _per_class(sums, labels, notes)
         if labels is None:
@@ -192,16 +197,21 @@ class _GsnrParts:
         return sum(self.totals[name] for name in names) / count if count else None
 
 
-def _gsnr_parts(sum_gradient: torch.Tensor, sum_squares: torch.Tensor, count: int, layout: Any) -> _GsnrParts:
+def _gsnr_parts(
+    sum_gradient: torch.Tensor, sum_squares: torch.Tensor, count: int, layout: Any, eps: float
+) -> _GsnrParts:
     """Compute each parameter's GSNR, mean^2 / variance over the examples, summed per tensor.
 
     A parameter whose gradient is the same for every example (variance below
-    CONSTANT_GRADIENT_SHARE of its mean square) has no GSNR and is not counted.
+    CONSTANT_GRADIENT_SHARE of its mean square) has no GSNR and is not counted. Neither has one
+    whose gradient is at the rounding level of the analysis dtype (``eps``), see ROUNDING_FLOOR_EPS.
     """
     # In-place steps keep the number of full-length temporaries low on large models.
+    second_moment = sum_squares / count
+    floor = (ROUNDING_FLOOR_EPS * eps) ** 2 * float(second_moment.max()) if second_moment.numel() else 0.0
     mean_sq = (sum_gradient / count).square_()
-    variance = (sum_squares / count).sub_(mean_sq)
-    varying = variance > CONSTANT_GRADIENT_SHARE * (variance + mean_sq)
+    variance = second_moment.sub_(mean_sq)
+    varying = (variance > CONSTANT_GRADIENT_SHARE * (variance + mean_sq)) & (variance + mean_sq > floor)
     ratios = mean_sq.div_(variance.masked_fill_(~varying, 1.0)).masked_fill_(~varying, 0.0)
     totals, counts = {}, {}
     for name in layout.names:

@@ -117,7 +117,7 @@ class LayerTerms:
         values = self.per_example[local]
         return (values * values).sum(0)
 
-    def batch_sum_matches(self, local: str, batch_gradient: torch.Tensor, rtol: float) -> bool:
+    def batch_sum_matches(self, local: str, batch_gradient: torch.Tensor, rtol: float, floor: float = 0.0) -> bool:
         """Check the rule's sum over the chunk against autograd's batch gradient.
 
         For a Linear weight the check compares both matrices times one random vector (seeded),
@@ -125,10 +125,10 @@ class LayerTerms:
         """
         if self.materialized or local != "weight":
             total = self.per_example[local].sum(0) if self.materialized else self.output_grad.sum(0)
-            return close_within(total, batch_gradient, rtol)
+            return close_within(total, batch_gradient, rtol, floor)
         generator = torch.Generator(device=self.inputs.device).manual_seed(0)
         probe = torch.randn(self.inputs.shape[1], dtype=torch.float64, device=self.inputs.device, generator=generator)
-        return close_within(self.output_grad.T @ (self.inputs @ probe), batch_gradient @ probe, rtol)
+        return close_within(self.output_grad.T @ (self.inputs @ probe), batch_gradient @ probe, rtol, floor)
 
     def segment_sums(self, local: str, segments: Segments) -> torch.Tensor:
         """Return the sums of the per-example gradients over each segment, stacked along dimension 0."""
@@ -203,7 +203,13 @@ def unfold(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return F.unfold(inputs, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
 
 
-def close_within(value: torch.Tensor, reference: torch.Tensor, rtol: float) -> bool:
-    """Return whether every entry is within ``rtol`` times the largest reference entry."""
+def close_within(value: torch.Tensor, reference: torch.Tensor, rtol: float, floor: float = 0.0) -> bool:
+    """Return whether every entry is within ``rtol`` times the largest reference entry, or ``floor``.
+
+    ``floor`` sets a least scale, such as the largest gradient entry of the whole module, so that a
+    parameter whose exact gradient is zero (a key bias under softmax) is not judged by its rounding
+    noise alone.
+    """
     scale = float(reference.abs().max()) if reference.numel() else 0.0
+    scale = max(scale, floor)
     return bool(((value - reference).abs() <= rtol * scale + 1e-300).all())

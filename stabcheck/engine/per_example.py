@@ -578,9 +578,11 @@ def _verified_terms(objective: Objective, plan: GradientPlan, indices: torch.Ten
     for module_name, (module, param_names) in plan.layer_modules.items():
         if module_name in failures:
             continue
+        # The module's largest gradient entry is the least scale of every check on it.
+        module_scale = max(float(terms.batch_gradient[full].abs().max()) for full in param_names.values())
         for local, full in param_names.items():
             layer_terms, _ = terms.layers[full]
-            if not layer_terms.batch_sum_matches(local, terms.batch_gradient[full].double(), rtol):
+            if not layer_terms.batch_sum_matches(local, terms.batch_gradient[full].double(), rtol, module_scale):
                 failures[module_name] = (
                     f"module {module_name!r}: the batch sum of its per-example gradients differs from "
                     "autograd's batch gradient (is its weight also used outside the module?)"
@@ -589,10 +591,13 @@ def _verified_terms(objective: Objective, plan: GradientPlan, indices: torch.Ten
         if module_name in failures or module_name not in plan.materialized:
             continue
         reference = _vmap_grads(objective, list(param_names.values()), objective.inputs[check], objective.targets[check])
+        expected_norms = {
+            full: _squared_norms(reference[full].double().reshape(len(check), -1)) for full in param_names.values()
+        }
+        norm_scale = max(float(norms.abs().max()) for norms in expected_norms.values())
         for local, full in param_names.items():
             layer_terms, _ = terms.layers[full]
-            expected = _squared_norms(reference[full].double().reshape(len(check), -1))
-            if not close_within(layer_terms.sq_norms(local)[: len(check)], expected, rtol):
+            if not close_within(layer_terms.sq_norms(local)[: len(check)], expected_norms[full], rtol, norm_scale):
                 failures[module_name] = (
                     f"module {module_name!r}: its per-example gradients from inputs and output gradients "
                     "differ from vmap's (is the batch dimension of its input not first?)"
