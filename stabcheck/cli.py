@@ -261,8 +261,8 @@ def _run(
     defaults = EstimatorSettings()
     estimator = EstimatorSettings(
         lanczos_max_iter=setting("lanczos_iters", defaults.lanczos_max_iter),
-        # A half-precision forward makes products noisy at about 1e-3, so the default tolerance
-        # of a float32 analysis could never be met; a looser one is the default there.
+        # A half-precision forward makes products noisy at about 1e-3, so the float32 default
+        # tolerance could never be met. A looser one is the default there.
         lanczos_tol=float(setting("lanczos_tol", HALF_PRECISION_LANCZOS_TOL if setting("forward_dtype") else defaults.lanczos_tol)),
         top_k=setting("top_k", defaults.top_k),
         hvp_method=setting("hvp_method", defaults.hvp_method),

@@ -83,7 +83,7 @@ class FileConfig:
         return self.values.get(key, default)
 
     def resolve_path(self, value: str) -> Path:
-        """A relative path from the file is relative to the file's folder."""
+        """Resolve a path from the file: a relative one is taken from the file's folder."""
         path = Path(value)
         return path if path.is_absolute() or self.base_dir is None else self.base_dir / path
 

@@ -106,6 +106,8 @@ class AnalysisContext:
     partner_missing: str | None = None
     _hessian: HessianOperator | None = None
     _operator_bytes: int | None = None
+    # saved_bytes_fit results by create_graph, so each probe runs once per checkpoint.
+    _saved_fits: dict[bool, tuple[float, float]] = field(default_factory=dict)
     _hvp_method: str | None = None
     # Notes on how the Hessian operator was fitted to the memory budget, for the analyzers' results.
     operator_notes: list[str] = field(default_factory=list)
@@ -122,7 +124,7 @@ class AnalysisContext:
             return None
         method = self._hvp_method or self.estimator.hvp_method
         if self._operator_bytes is None:
-            self._operator_bytes = estimate_operator_bytes(self.objective, method)
+            self._operator_bytes = estimate_operator_bytes(self.objective, method, self._saved_fit(create_graph=True))
         parts = {f"the gradient graph with --hvp-method {method}": self._operator_bytes, vectors: extra_bytes}
         # Every rank takes the same branches, so each collective below runs on all ranks.
         needed = self.objective.group.max_int(int(sum(parts.values())))
@@ -134,7 +136,7 @@ class AnalysisContext:
             return self._shortfall_message(needed, parts, remedy)
         self.objective.chunk_size = chunk
         self._hvp_method = "recompute"
-        self._operator_bytes = estimate_operator_bytes(self.objective, "recompute")
+        self._operator_bytes = estimate_operator_bytes(self.objective, "recompute", self._saved_fit(create_graph=True))
         self.operator_notes.append(
             f"Hessian-vector products recompute the gradient graph in chunks of {chunk} examples, because "
             f"the graph of all {self.objective.num_samples} would not fit the memory budget of "
@@ -146,7 +148,7 @@ class AnalysisContext:
         """Return the most examples whose recomputed graph fits the budget beside ``extra_bytes``."""
         if self.objective.couples_examples or self.memory_budget is None:
             return None
-        fixed, per_example = saved_bytes_fit(self.objective, create_graph=True)
+        fixed, per_example = self._saved_fit(create_graph=True)
         itemsize = torch.finfo(self.objective.dtype).bits // 8
         available = self.memory_budget - extra_bytes - 3 * self.objective.dim * itemsize - 3 * fixed
         if per_example <= 0:
@@ -155,7 +157,7 @@ class AnalysisContext:
         return min(chunk, self.objective.num_samples) if chunk >= 1 else None
 
     def _shortfall_message(self, needed: int, parts: Mapping[str, int], remedy: str | None) -> str:
-        listed = ", ".join(f"{format_bytes(size)} for {what}" for what, size in parts.items())
+        listed = ", ".join(f"{format_bytes(size)} for {description}" for description, size in parts.items())
         return (
             f"skipped before allocating: it needs about {format_bytes(needed)} (an estimate: {listed}), more "
             f"than the memory budget of {format_bytes(self.memory_budget or 0)}. Raise --memory-budget, "
@@ -173,9 +175,14 @@ class AnalysisContext:
             return None
         return self._shortfall_message(needed, parts, remedy)
 
+    def _saved_fit(self, *, create_graph: bool) -> tuple[float, float]:
+        if create_graph not in self._saved_fits:
+            self._saved_fits[create_graph] = saved_bytes_fit(self.objective, create_graph=create_graph)
+        return self._saved_fits[create_graph]
+
     def activation_bytes(self, examples: int, *, with_graph: bool) -> int:
         """Estimate the bytes of a forward pass over ``examples``, with one gradient's graph or without."""
-        fixed, per_example = saved_bytes_fit(self.objective, create_graph=False)
+        fixed, per_example = self._saved_fit(create_graph=False)
         # A forward without a graph keeps about one layer's activations alive. Counting all of
         # them, as a graph would, errs on the safe side.
         return int(fixed + per_example * min(examples, self.objective.num_samples)) * (2 if with_graph else 1)

@@ -95,8 +95,8 @@ class SharpnessAnalyzer(Analyzer):
 
     @classmethod
     def metric_uncertainty(cls, metric: str, result: Mapping[str, Any]) -> float:
-        # Some eigenvalue lies within the residual of the top Ritz value, so it bounds lambda_max's
-        # error; the preconditioned run's residual is not kept, and its value counts as exact.
+        # Some eigenvalue lies within the residual of the top Ritz value, so the residual bounds
+        # lambda_max's error. The preconditioned run's residual is not kept, so its value counts as exact.
         metrics = result.get("metrics", {})
         residuals = result.get("diagnostics", {}).get("lanczos", {}).get("top_residuals") or []
         if not residuals or metrics.get("preconditioned_lambda_max") is not None:

@@ -258,7 +258,7 @@ def disconnect() -> None:
     if dist.is_available() and dist.is_initialized():
         # Every rank reaches this point before any tears its connections down.
         # NOTE: in one test run a rank aborted at teardown ("terminate called without an active
-        # exception", SIGABRT) after the report was written; the cause is not confirmed, and this
+        # exception", SIGABRT) after the report was written. The cause is not confirmed, so this
         # barrier is a guess at it. Fourteen reruns, four of them without the barrier, did not repeat it.
         dist.barrier()
         dist.destroy_process_group()
