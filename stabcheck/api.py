@@ -38,7 +38,7 @@ from stabcheck.engine.objective import (
     builtin_loss,
 )
 from stabcheck.engine.per_example import METHODS as PER_EXAMPLE_METHODS
-from stabcheck.engine.trace import MIN_SEQUENTIAL_PROBES
+from stabcheck.engine.trace import MIN_SEQUENTIAL_PROBES, TRACE_METHODS
 from stabcheck.errors import AnalyzerFailed, CheckpointError, StabcheckError, UsageError
 from stabcheck.baseline import Baseline, compare_with_baseline, load_baseline, match_checkpoints
 from stabcheck.gates import EXIT_FAIL, evaluate_gates, exit_code_for, parse_gates
@@ -327,8 +327,8 @@ def validate_settings(estimator: EstimatorSettings, device: str, dtype: str) -> 
         raise UsageError(f"--lanczos-tol must be between 0 and 1, got {estimator.lanczos_tol}.")
     if estimator.top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {estimator.top_k}.")
-    if estimator.trace_method not in ("hutchinson", "hutch++"):
-        raise UsageError(f"--trace-method {estimator.trace_method!r} is unknown; use hutchinson or hutch++.")
+    if estimator.trace_method not in TRACE_METHODS:
+        raise UsageError(f"--trace-method {estimator.trace_method!r} is unknown; use hutchinson, hutch++ or deflated.")
     if estimator.trace_probes is not None and estimator.trace_probes < 3:
         raise UsageError(
             f"--trace-probes must be at least 3 (a standard error needs two samples, Hutch++ three "

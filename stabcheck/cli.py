@@ -119,7 +119,7 @@ def analyze(
     lanczos_tol: Annotated[Optional[float], typer.Option(help="Lanczos convergence tolerance: residual over the largest Ritz value (default 1e-4).")] = None,
     top_k: Annotated[Optional[int], typer.Option(help="How many of the largest Hessian eigenvalues to report (default 3).")] = None,
     hvp_method: Annotated[Optional[str], typer.Option(help="Hessian-vector product method: retained (fastest) or recompute (bounded memory).")] = None,
-    trace_method: Annotated[Optional[str], typer.Option(help="Trace estimator: hutchinson (default; stops at --trace-rel-stderr) or hutch++ (a fixed budget of --trace-probes, else --trace-max-probes, products).")] = None,
+    trace_method: Annotated[Optional[str], typer.Option(help="Trace estimator: hutchinson (default; stops at --trace-rel-stderr), deflated (Hutchinson on the Hessian less a Lanczos basis of its extreme eigenvectors; fewer products for tight targets) or hutch++ (a fixed budget of --trace-probes, else --trace-max-probes, products).")] = None,
     trace_probes: Annotated[Optional[int], typer.Option(help="Fixed number of trace probes (Hessian-vector products); default: draw until --trace-rel-stderr is reached.")] = None,
     trace_rel_stderr: Annotated[Optional[float], typer.Option(help="Relative standard error at which the trace estimate stops (default 0.05).")] = None,
     trace_max_probes: Annotated[Optional[int], typer.Option(help="Most trace probes to draw before the estimate is inconclusive (default 200).")] = None,

@@ -127,3 +127,45 @@ def test_batch_size_from_a_data_loader():
     assert diagnostics["batch_size_source"] == "data loader"
     notes = report.results[0]["analyzers"]["hessian-trace"]["notes"]
     assert "frobenius_ratio uses batch size B=5 from the data loader" in notes
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn"])
+def test_deflated_method_matches_dense(name):
+    case = make_case(name)
+    dense = dense_hessian(case.model, case.inputs, case.targets, case.loss)
+    result = run(case, trace_method="deflated", trace_rel_stderr=0.002, trace_max_probes=2000)
+    metrics = result["metrics"]
+    estimator = result["diagnostics"]["trace_estimator"]
+    assert result["status"] == "ok"
+    assert estimator["method"] == "deflated"
+    assert estimator["reached_target"]
+    assert metrics["trace_stderr"] <= 0.002 * abs(metrics["trace"])
+    assert abs(metrics["trace"] - float(torch.trace(dense))) <= 3 * metrics["trace_stderr"]
+    frobenius = float(torch.linalg.matrix_norm(dense))
+    assert abs(metrics["frobenius_norm"] - frobenius) <= 3 * result["diagnostics"]["frobenius_stderr"]
+    assert estimator["matvecs"] == 30 + estimator["basis_size"] + estimator["num_probes"]
+
+
+def test_memory_budget_caps_the_deflation_basis():
+    from stabcheck.engine.hvp import estimate_operator_bytes, saved_bytes_fit
+    from stabcheck.engine.objective import Objective, builtin_loss
+
+    case = make_case("mlp")
+    settings = {"trace_method": "deflated", "trace_rel_stderr": 0.02, "trace_max_probes": 2000, "density_steps": 4}
+    roomy = run(case, **settings)
+    assert roomy["diagnostics"]["trace_estimator"]["basis_size"] > 8
+    objective = Objective(case.model, case.inputs, case.targets, builtin_loss(case.loss), dtype=torch.float64)
+    graph = estimate_operator_bytes(objective, "retained", saved_bytes_fit(objective, create_graph=True))
+    vector = objective.dim * 8
+    # Room for the graph, the estimator's 4 work vectors and 8 basis vectors (the density's
+    # basis of 4 steps needs 8 vectors, so the analyzer itself fits).
+    tight = run(case, **settings, memory_budget=int(graph + 12 * vector + vector // 2))
+    estimator = tight["diagnostics"]["trace_estimator"]
+    assert tight["status"] == "ok"
+    assert estimator["basis_size"] == 8
+    assert any("capped at 8 vectors" in note for note in tight["notes"])
+    # The capped run still reaches the target, with more probes, and agrees with the dense trace.
+    dense = dense_hessian(case.model, case.inputs, case.targets, case.loss)
+    assert estimator["reached_target"]
+    assert estimator["num_probes"] > roomy["diagnostics"]["trace_estimator"]["num_probes"]
+    assert abs(tight["metrics"]["trace"] - float(torch.trace(dense))) <= 3 * tight["metrics"]["trace_stderr"]

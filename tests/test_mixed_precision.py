@@ -126,3 +126,23 @@ def test_cuda_kernel_choice_keeps_double_backward():
     assert len(notes) == 2
     assert "math kernel" in notes[0]
     assert kernel_notes(model, torch.device("cpu")) == []
+
+
+def test_finite_check_names_only_bad_parameter():
+    from stabcheck.engine.hvp import _check_finite
+
+    layout = Objective(nn.Linear(3, 2), torch.randn(4, 3), torch.randn(4, 2), builtin_loss("mse")).layout
+    vector = torch.ones(layout.dim)
+    vector[-1] = float("nan")  # the last entry belongs to the bias
+    with pytest.raises(NonFiniteError, match="parameter\\(s\\) bias,"):
+        _check_finite(layout, vector, "a product")
+
+
+def test_finite_check_accepts_overflowing_sum():
+    from stabcheck.engine.hvp import _check_finite
+
+    layout = Objective(nn.Linear(3, 2), torch.randn(4, 3), torch.randn(4, 2), builtin_loss("mse")).layout
+    # Every entry is finite, but their float32 sum overflows, so the full check must decide.
+    vector = torch.full((layout.dim,), 3e38)
+    assert not torch.isfinite(vector.sum())
+    _check_finite(layout, vector, "a product")

@@ -1,4 +1,4 @@
-"""Hutchinson and Hutch++ trace estimates against exact traces of dense matrices and zoo Hessians."""
+"""Hutchinson, Hutch++ and deflated Hutchinson trace estimates against exact traces of dense matrices and zoo Hessians."""
 
 import math
 
@@ -9,7 +9,7 @@ from cases import dense_hessian, make_case
 
 from stabcheck.engine.hvp import HessianOperator
 from stabcheck.engine.objective import Objective, builtin_loss
-from stabcheck.engine.trace import MIN_SEQUENTIAL_PROBES, hutch_plus_plus, hutchinson
+from stabcheck.engine.trace import MIN_SEQUENTIAL_PROBES, deflated_hutchinson, hutch_plus_plus, hutchinson
 
 
 def zoo_operator(name):
@@ -184,3 +184,113 @@ def test_hutch_plus_plus_exact_on_low_rank():
     assert estimate.trace == pytest.approx(4.0, abs=1e-10)
     assert estimate.frobenius_norm == pytest.approx(math.sqrt(30.0), abs=1e-10)
     assert estimate.trace_stderr < 1e-10
+
+
+def decaying_spectrum(size, seed):
+    """A symmetric matrix with a few large eigenvalues of both signs over a slowly decaying bulk."""
+    values = np.concatenate([[40.0, 25.0, -15.0, 12.0, 9.0], 2.0 / np.sqrt(np.arange(1, size - 4))])
+    return symmetric_with_eigenvalues(values, seed=seed)
+
+
+@pytest.mark.parametrize("name", ["mlp", "tied", "cnn_bn"])
+def test_deflated_zoo_within_three_stderr(name):
+    operator, dense = zoo_operator(name)
+    exact_trace = float(torch.trace(dense))
+    exact_frobenius = float(torch.linalg.matrix_norm(dense))
+    estimate = deflated_hutchinson(operator.matvec, operator.dim, num_probes=60, seed=3)
+    assert abs(estimate.trace - exact_trace) <= 3 * estimate.trace_stderr
+    assert abs(estimate.frobenius_norm - exact_frobenius) <= 3 * estimate.frobenius_stderr
+    assert estimate.num_matvecs == operator.num_matvecs == 60
+    assert estimate.basis_size + estimate.num_probes == 60
+    assert estimate.method == "deflated"
+
+
+def test_deflated_stderr_is_calibrated():
+    # Over many seeds, the reported standard error must describe the actual error: about 95% of
+    # the estimates within 2 standard errors, and an RMS z-score near 1.
+    matrix = decaying_spectrum(300, seed=21)
+    exact_trace = float(torch.trace(matrix))
+    z_scores = []
+    for seed in range(200):
+        estimate = deflated_hutchinson(dense_matvec(matrix), 300, num_probes=40, seed=seed)
+        z_scores.append((estimate.trace - exact_trace) / estimate.trace_stderr)
+    z_scores = np.asarray(z_scores)
+    assert 0.9 <= np.mean(np.abs(z_scores) <= 2.0) <= 0.99
+    assert 0.8 <= math.sqrt(np.mean(z_scores**2)) <= 1.25
+    # No bias: the mean z-score of 200 independent runs lies within about 3 / sqrt(200).
+    assert abs(np.mean(z_scores)) < 0.25
+
+
+def test_deflated_beats_hutchinson_at_equal_products():
+    matrix = decaying_spectrum(400, seed=22)
+    exact_trace = float(torch.trace(matrix))
+    plain_errors, deflated_errors = [], []
+    for seed in range(20):
+        plain = hutchinson(dense_matvec(matrix), 400, num_probes=80, seed=seed)
+        deflated = deflated_hutchinson(dense_matvec(matrix), 400, num_probes=80, seed=seed)
+        plain_errors.append((plain.trace - exact_trace) ** 2)
+        deflated_errors.append((deflated.trace - exact_trace) ** 2)
+    # The 40 Krylov vectors hold the five outliers, so the mean squared error falls many times over.
+    assert np.mean(deflated_errors) < 0.1 * np.mean(plain_errors)
+
+
+def test_deflated_sequential_reaches_target_with_fewer_products():
+    matrix = decaying_spectrum(400, seed=23)
+    exact_trace = float(torch.trace(matrix))
+    plain = hutchinson(dense_matvec(matrix), 400, target_rel_stderr=0.005, max_probes=20000, seed=5)
+    deflated = deflated_hutchinson(dense_matvec(matrix), 400, target_rel_stderr=0.005, max_probes=20000, seed=5)
+    assert plain.reached_target and deflated.reached_target
+    assert deflated.trace_stderr <= 0.005 * abs(deflated.trace)
+    assert abs(deflated.trace - exact_trace) <= 3 * deflated.trace_stderr
+    assert deflated.basis_size > 0
+    assert deflated.num_probes >= MIN_SEQUENTIAL_PROBES
+    # Pilot, basis and probes are all counted.
+    assert deflated.num_matvecs == MIN_SEQUENTIAL_PROBES + deflated.basis_size + deflated.num_probes
+    assert deflated.num_matvecs < plain.num_matvecs / 3
+
+
+def test_deflated_loose_target_returns_pilot():
+    matrix = symmetric_with_eigenvalues(np.linspace(1.0, 2.0, 50), seed=24)
+    plain = hutchinson(dense_matvec(matrix), 50, target_rel_stderr=0.5, max_probes=200, seed=6)
+    deflated = deflated_hutchinson(dense_matvec(matrix), 50, target_rel_stderr=0.5, max_probes=200, seed=6)
+    assert deflated.basis_size == 0
+    assert deflated.num_matvecs == plain.num_matvecs == MIN_SEQUENTIAL_PROBES
+    assert deflated.trace == plain.trace
+    assert deflated.trace_stderr == plain.trace_stderr
+    assert deflated.reached_target
+
+
+def test_deflated_respects_the_product_budget():
+    matrix = decaying_spectrum(300, seed=25)
+    # A target that 100 products cannot meet: the run stops at the budget and reports the miss.
+    estimate = deflated_hutchinson(dense_matvec(matrix), 300, target_rel_stderr=1e-6, max_probes=100, seed=7)
+    assert estimate.num_matvecs == 100
+    assert not estimate.reached_target
+    assert estimate.num_probes >= MIN_SEQUENTIAL_PROBES
+    assert abs(estimate.trace - float(torch.trace(matrix))) <= 4 * estimate.trace_stderr
+
+
+def test_deflated_max_basis_caps_the_basis():
+    matrix = decaying_spectrum(300, seed=26)
+    estimate = deflated_hutchinson(dense_matvec(matrix), 300, target_rel_stderr=0.001, max_probes=2000, max_basis=7, seed=8)
+    assert estimate.basis_size == 7
+
+
+def test_deflated_exact_when_the_basis_spans_the_space():
+    matrix = symmetric_with_eigenvalues([3.0, -1.0, 2.0, 0.5, 4.0, -6.0], seed=27)
+    estimate = deflated_hutchinson(dense_matvec(matrix), 6, num_probes=20, seed=9)
+    # The Krylov space becomes invariant after 6 steps, so the deflated rest is zero.
+    assert estimate.basis_size == 6
+    assert estimate.trace == pytest.approx(2.5, abs=1e-12)
+    assert estimate.frobenius_norm == pytest.approx(math.sqrt(66.25), abs=1e-12)
+    assert estimate.trace_stderr < 1e-12
+    assert estimate.num_matvecs == 20
+
+
+def test_deflated_rejects_bad_settings():
+    with pytest.raises(ValueError, match="exactly one"):
+        deflated_hutchinson(lambda vector: vector, 5, seed=0)
+    with pytest.raises(ValueError, match="num_probes >= 3"):
+        deflated_hutchinson(lambda vector: vector, 5, num_probes=2, seed=0)
+    with pytest.raises(ValueError, match="max_probes must be at least"):
+        deflated_hutchinson(lambda vector: vector, 5, target_rel_stderr=0.1, max_probes=10, seed=0)

@@ -144,6 +144,20 @@ class AnalysisContext:
         )
         return None
 
+    def spare_bytes(self, extra_bytes: int) -> int | None:
+        """Return the budget left beside the Hessian operator's graph and ``extra_bytes``.
+
+        ``None`` when no budget is set. Call it after :meth:`memory_shortfall`, which settles how
+        the operator is built. Every rank gets the smallest value of all ranks.
+        """
+        if self.memory_budget is None:
+            return None
+        method = self._hvp_method or self.estimator.hvp_method
+        if self._operator_bytes is None:
+            self._operator_bytes = estimate_operator_bytes(self.objective, method, self._saved_fit(create_graph=True))
+        needed = self.objective.group.max_int(int(self._operator_bytes + extra_bytes))
+        return self.memory_budget - needed
+
     def _fitting_chunk(self, extra_bytes: int) -> int | None:
         """Return the most examples whose recomputed graph fits the budget beside ``extra_bytes``."""
         if self.objective.couples_examples or self.memory_budget is None:

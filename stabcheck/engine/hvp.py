@@ -14,6 +14,7 @@ Two methods, both over ``torch.func.functional_call`` on detached parameter copi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -174,7 +175,9 @@ def estimate_operator_bytes(objective: Objective, method: str, fit: tuple[float,
 
 def _check_finite(layout: ParameterLayout, vector: torch.Tensor, what: str) -> None:
     """Raise NonFiniteError naming the parameters where ``vector`` has inf or NaN entries."""
-    if bool(torch.isfinite(vector).all()):
+    # An inf or NaN entry makes the sum inf or NaN, so a finite sum proves every entry finite in
+    # one read of the vector. The isfinite masks took about 7% of a product's time on a 1e6 MLP.
+    if math.isfinite(float(vector.sum())) or bool(torch.isfinite(vector).all()):
         return
     names = nonfinite_parameters(layout, vector)
     raise NonFiniteError(
