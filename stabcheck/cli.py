@@ -127,7 +127,7 @@ def analyze(
     density_steps: Annotated[Optional[int], typer.Option(help="Lanczos steps per spectral-density probe (default 60).")] = None,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="Also estimate lambda_max and the trace of each module's diagonal Hessian block (one Lanczos run and one trace estimate per module).")] = False,
     per_example_method: Annotated[Optional[str], typer.Option(help="Per-example gradients: auto (from layer inputs and output gradients where possible, vmap elsewhere), vmap, or loop (slowest, for checks).")] = None,
-    memory_budget: Annotated[Optional[str], typer.Option(help="Memory the per-example gradient statistics may use, e.g. 8GB or 512MiB (default: half of the free memory).")] = None,
+    memory_budget: Annotated[Optional[str], typer.Option(help="Memory each analyzer may allocate beside the model and data (gradient graphs, Lanczos and deflation bases, per-example statistics), e.g. 8GB or 512MiB (default: half of the free memory). An analyzer that cannot fit is skipped with its estimate.")] = None,
     opposing_candidates: Annotated[Optional[int], typer.Option(help="Examples with the largest gradient norms searched for opposing groups (default 128).")] = None,
     opposing_groups: Annotated[Optional[int], typer.Option(help="Most pairs of opposing groups to report (default 3; 0 skips the search).")] = None,
     gate: Annotated[Optional[list[str]], typer.Option(help="Fail the run when a metric passes a bound, e.g. 'sharpness.edge_ratio<=1.2' (fails above 1.2) or 'gradient-coherence.m_coherence>=1' (fails below 1); 'NAME=off' switches a gate off. Repeatable; replaces that metric's gate from the config file or the defaults.")] = None,

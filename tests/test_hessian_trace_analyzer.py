@@ -143,7 +143,9 @@ def test_deflated_method_matches_dense(name):
     assert abs(metrics["trace"] - float(torch.trace(dense))) <= 3 * metrics["trace_stderr"]
     frobenius = float(torch.linalg.matrix_norm(dense))
     assert abs(metrics["frobenius_norm"] - frobenius) <= 3 * result["diagnostics"]["frobenius_stderr"]
-    assert estimator["matvecs"] == 30 + estimator["basis_size"] + estimator["num_probes"]
+    # Pilot, basis and probes, plus at most two discarded deflated pilots of 30 when the basis grew again.
+    used = 30 + estimator["basis_size"] + estimator["num_probes"]
+    assert used <= estimator["matvecs"] <= used + 60
 
 
 def test_memory_budget_caps_the_deflation_basis():
@@ -163,9 +165,20 @@ def test_memory_budget_caps_the_deflation_basis():
     estimator = tight["diagnostics"]["trace_estimator"]
     assert tight["status"] == "ok"
     assert estimator["basis_size"] == 8
-    assert any("capped at 8 vectors" in note for note in tight["notes"])
+    assert any("capped the deflation basis at 8 vectors" in note for note in tight["notes"])
     # The capped run still reaches the target, with more probes, and agrees with the dense trace.
     dense = dense_hessian(case.model, case.inputs, case.targets, case.loss)
     assert estimator["reached_target"]
     assert estimator["num_probes"] > roomy["diagnostics"]["trace_estimator"]["num_probes"]
     assert abs(tight["metrics"]["trace"] - float(torch.trace(dense))) <= 3 * tight["metrics"]["trace_stderr"]
+
+
+def test_cap_note_only_when_the_cap_binds():
+    # A roomy budget leaves the basis where the plan stopped it, with no cap note.
+    result = run(make_case("mlp"), trace_method="deflated", trace_rel_stderr=0.02, trace_max_probes=2000, memory_budget=10**9)
+    assert not any("capped the deflation basis" in note for note in result["notes"])
+
+
+def test_few_probes_warn_about_the_error_bar():
+    result = run(make_case("cnn_bn"), trace_probes=10)
+    assert any("comes from 10 probes" in note for note in result["notes"])

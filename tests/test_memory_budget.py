@@ -104,3 +104,27 @@ def test_graph_over_budget_recomputes_in_chunks():
     assert result["diagnostics"]["hvp_method"] == "recompute"
     assert any(f"chunks of {objective.num_samples // 2} examples" in note for note in result["notes"])
     assert chunked.metrics("sharpness")["lambda_max"] == pytest.approx(reference.metrics("sharpness")["lambda_max"], rel=1e-10)
+
+
+def test_skip_names_the_smallest_chunked_need():
+    """A budget below even one-example chunks says how much those would need, and that much runs."""
+    import re
+
+    from stabcheck.analyzers.base import EstimatorSettings
+    from stabcheck.api import analyze
+    from stabcheck.engine.memory import parse_size
+
+    case = make_case("mlp")
+    data = (case.inputs, case.targets)
+    settings = {"loss": case.loss, "lr": 0.1, "analyzers": ["sharpness"], "dtype": "float64"}
+    skipped = analyze(case.model, data, **settings, estimator=EstimatorSettings(memory_budget=2048))
+    note = skipped.results[0]["analyzers"]["sharpness"]["notes"][0]
+    match = re.search(r"one example at a time, the smallest setting, would need about ([0-9.]+ \w+)", note)
+    assert match is not None, note
+    smallest = parse_size(match.group(1))
+    assert smallest > 2048
+    # The printed estimate is rounded, so allow for that when giving exactly that budget.
+    roomy = analyze(case.model, data, **settings, estimator=EstimatorSettings(memory_budget=int(smallest * 1.01)))
+    result = roomy.results[0]["analyzers"]["sharpness"]
+    assert result["status"] == "ok"
+    assert result["diagnostics"]["hvp_method"] == "recompute"

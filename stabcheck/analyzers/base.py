@@ -133,7 +133,14 @@ class AnalysisContext:
         chunk = None if self._hessian is not None else self._fitting_chunk(extra_bytes)
         fits = self.objective.group.min_int(0 if chunk is None else 1) == 1
         if not fits:
-            return self._shortfall_message(needed, parts, remedy)
+            message = self._shortfall_message(needed, parts, remedy)
+            smallest = self._smallest_chunked_bytes(extra_bytes)
+            if smallest is not None:
+                message += (
+                    f". Recomputing the graph one example at a time, the smallest setting, would need "
+                    f"about {format_bytes(self.objective.group.max_int(smallest))}"
+                )
+            return message
         self.objective.chunk_size = chunk
         self._hvp_method = "recompute"
         self._operator_bytes = estimate_operator_bytes(self.objective, "recompute", self._saved_fit(create_graph=True))
@@ -157,6 +164,14 @@ class AnalysisContext:
             self._operator_bytes = estimate_operator_bytes(self.objective, method, self._saved_fit(create_graph=True))
         needed = self.objective.group.max_int(int(self._operator_bytes + extra_bytes))
         return self.memory_budget - needed
+
+    def _smallest_chunked_bytes(self, extra_bytes: int) -> int | None:
+        """Return the estimate for recomputing the graph one example at a time, None where chunks cannot be used."""
+        if self.objective.couples_examples or self._hessian is not None:
+            return None
+        fixed, per_example = self._saved_fit(create_graph=True)
+        itemsize = torch.finfo(self.objective.dtype).bits // 8
+        return int(extra_bytes + 3 * self.objective.dim * itemsize + 3 * fixed + 3 * max(per_example, 0))
 
     def _fitting_chunk(self, extra_bytes: int) -> int | None:
         """Return the most examples whose recomputed graph fits the budget beside ``extra_bytes``."""

@@ -20,7 +20,13 @@ from stabcheck.analyzers.base import AnalysisContext, Analyzer, AnalyzerResult, 
 from stabcheck.engine.density import spectral_density
 from stabcheck.engine.lanczos import basis_bytes
 from stabcheck.engine.hvp import module_blocks, restricted_operator
-from stabcheck.engine.trace import TraceEstimate, deflated_hutchinson, hutch_plus_plus, hutchinson
+from stabcheck.engine.trace import (
+    MIN_SEQUENTIAL_PROBES,
+    TraceEstimate,
+    deflated_hutchinson,
+    hutch_plus_plus,
+    hutchinson,
+)
 
 DENSITY_GRID_POINTS = 200
 
@@ -111,9 +117,15 @@ class HessianTraceAnalyzer(Analyzer):
             status = "inconclusive"
             notes.append(
                 f"the trace's relative standard error did not reach {settings.trace_rel_stderr:g} within "
-                f"{estimate.num_probes} probes (estimate {estimate.trace:.6g} +/- {estimate.trace_stderr:.3g}); "
+                f"{estimate.num_matvecs} products (estimate {estimate.trace:.6g} +/- {estimate.trace_stderr:.3g}); "
                 "raise --trace-max-probes, or fix the count with --trace-probes"
                 + ("; --trace-method deflated reaches a tight target with fewer products" if estimate.method == "hutchinson" else "")
+            )
+
+        if estimate.num_probes < MIN_SEQUENTIAL_PROBES and estimate.trace_stderr > 0:
+            notes.append(
+                f"trace_stderr comes from {estimate.num_probes} probes; below {MIN_SEQUENTIAL_PROBES} the "
+                "standard error is itself uncertain by 13% or more, so raise --trace-probes for a firm error bar"
             )
 
         trace_bound, bound_note = _trace_bound(context)
@@ -187,11 +199,7 @@ def _deflated(context: AnalysisContext, matvec: Any, dim: int, notes: list[str])
     spare = context.spare_bytes(4 * dim * itemsize)
     if spare is not None and spare // (dim * itemsize) < requested:
         max_basis = max(int(spare // (dim * itemsize)), 0)
-        notes.append(
-            f"the deflation basis is capped at {max_basis} vectors of {dim} values by the memory budget; "
-            "beyond that the trace estimate draws more probes instead"
-        )
-    return deflated_hutchinson(
+    estimate = deflated_hutchinson(
         matvec,
         dim,
         num_probes=settings.trace_probes,
@@ -202,6 +210,12 @@ def _deflated(context: AnalysisContext, matvec: Any, dim: int, notes: list[str])
         dtype=operator.dtype,
         device=operator.device,
     )
+    if max_basis < requested and estimate.basis_size == max_basis:
+        notes.append(
+            f"the memory budget capped the deflation basis at {max_basis} vectors of {dim} values, "
+            "so the trace estimate drew more probes instead"
+        )
+    return estimate
 
 
 def _per_layer_traces(context: AnalysisContext) -> list[dict[str, Any]]:

@@ -113,7 +113,7 @@ def lanczos(
         w = matvec(basis[step]).to(dtype=dtype, device=device)
         alpha = float(torch.dot(w, basis[step]))
         alphas.append(alpha)
-        w = orthogonalize(w, basis[: step + 1])
+        w = _orthogonalize(w, basis[: step + 1])
         beta = float(torch.linalg.vector_norm(w))
 
         theta, vectors = tridiagonal_eigh(alphas, betas)
@@ -200,7 +200,7 @@ def tridiagonalize(
     for step in range(num_steps):
         w = matvec(basis[step]).to(dtype=start.dtype, device=start.device)
         alphas.append(float(torch.dot(w, basis[step])))
-        w = orthogonalize(w, basis[: step + 1])
+        w = _orthogonalize(w, basis[: step + 1])
         beta = float(torch.linalg.vector_norm(w))
         scale = max(scale, abs(alphas[-1]), beta)
         if step + 1 == num_steps or beta <= np.finfo(np.float64).eps * scale * np.sqrt(dim):
@@ -220,8 +220,8 @@ def tridiagonal_eigh(alphas: list[float], betas: list[float]) -> tuple[np.ndarra
     return values.numpy(), vectors.numpy()
 
 
-def orthogonalize(w: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
-    """Remove the components of ``w`` along the stored orthonormal rows, twice for working accuracy."""
+def _orthogonalize(w: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """Remove the components along the stored orthonormal rows, twice for working accuracy."""
     for _ in range(2):
         w = w - stored.T @ (stored @ w)
     return w

@@ -36,9 +36,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stabcheck.engine.lanczos import orthogonalize
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
+
+# Rows per block of the deflation basis, which grows one block at a time.
+BASIS_BLOCK = 32
+
+# Most times the deflation basis grows: once from the plain pilot, then again whenever a pilot on
+# the deflated operator shows that the first plan stopped it too early.
+MAX_BASIS_ROUNDS = 3
 
 # Names of the estimators, as --trace-method takes them.
 TRACE_METHODS = ("hutchinson", "hutch++", "deflated")
@@ -213,6 +219,7 @@ def hutch_plus_plus(
         reached_target=True,
         target_rel_stderr=None,
         seed=seed,
+        dtype=dtype,
         basis_size=basis.shape[1],
     )
 
@@ -266,72 +273,64 @@ def deflated_hutchinson(
     generator = torch.Generator(device="cpu").manual_seed(seed)
     budget = num_probes if num_probes is not None else max_probes
     cap = min(dim, budget if max_basis is None else max_basis)
-    products = 0
-    planner: _BasisPlanner | None = None
-    # Samples of the estimate's own probes. Plain pilot probes stay in them only when no basis is built.
     trace_samples: list[float] = []
     square_samples: list[float] = []
+    reached = True
+
     if num_probes is not None:
-        cap = min(cap, num_probes // 2)
+        krylov = _KrylovBasis(matvec, dim, min(cap, num_probes // 2), generator, dtype, device)
+        krylov.grow(None)
+        _draw(matvec, krylov.basis, generator, num_probes - krylov.products, trace_samples, square_samples)
+        products = krylov.products + len(trace_samples)
     else:
-        for _ in range(MIN_SEQUENTIAL_PROBES):
-            _sample(matvec, rademacher_probe(dim, generator, dtype, device), trace_samples, square_samples)
-        products = MIN_SEQUENTIAL_PROBES
+        _draw(matvec, _BlockBasis(dim, 0, dtype, device), generator, MIN_SEQUENTIAL_PROBES, trace_samples, square_samples)
+        # Products spent on samples that the estimate does not use.
+        spent = 0
         trace, stderr = _mean_and_stderr(trace_samples)
         # Leave room for the probes that a standard error needs.
-        cap = min(cap, budget - products - MIN_SEQUENTIAL_PROBES)
+        cap = min(cap, budget - 2 * MIN_SEQUENTIAL_PROBES)
+        krylov = _KrylovBasis(matvec, dim, max(cap, 0), generator, dtype, device)
         if stderr > target_rel_stderr * abs(trace) and cap > 0:
-            planner = _BasisPlanner(trace_samples, square_samples, target_rel_stderr * abs(trace))
-            trace_samples, square_samples = [], []
-        else:
-            cap = 0
-
-    basis = torch.empty((cap, dim), dtype=dtype, device=device)
-    size, exact_trace, exact_square, last_beta = 0, 0.0, 0.0, 0.0
-    if cap > 0:
-        start = rademacher_probe(dim, generator, dtype, device)
-        basis[0] = start / torch.linalg.vector_norm(start)
-        scale = 0.0
-        while True:
-            product = matvec(basis[size]).to(dtype=dtype, device=device)
-            products += 1
-            alpha = float(torch.dot(basis[size], product))
-            exact_trace += alpha
-            exact_square += float(torch.dot(product, product))
-            size += 1
-            product = orthogonalize(product, basis[:size])
-            last_beta = float(torch.linalg.vector_norm(product))
-            scale = max(scale, abs(alpha), last_beta)
-            invariant = last_beta <= np.finfo(np.float64).eps * scale * math.sqrt(dim)
-            if size == cap or invariant or (planner is not None and planner.done(size, exact_square + last_beta**2)):
-                break
-            basis[size] = product / last_beta
-    basis = basis[:size]
-
-    # Products left for probes; pilot probes kept as samples count in both.
-    limit = budget - products + len(trace_samples)
-    # The first draw is sized from the pilot alone, before any of its samples exist. Stopping at
-    # the first count whose own standard error meets the target favours runs of low spread. For
-    # the right-skewed samples of a Hessian those are runs of low mean, so on digits-mlp that
-    # rule gave a mean error of -0.9 standard errors over 12 seeds (0.0 with the sized draw).
-    planned = 0
-    if planner is not None:
-        planned = min(limit, math.ceil(planner.predicted_probes(exact_square + last_beta**2)))
-    reached = True
-    step = limit if target_rel_stderr is None else batch
-    while len(trace_samples) < limit:
-        if target_rel_stderr is not None and len(trace_samples) >= planned:
-            rest, stderr = _mean_and_stderr(trace_samples) if trace_samples else (0.0, math.inf)
-            if len(trace_samples) >= MIN_SEQUENTIAL_PROBES and stderr <= target_rel_stderr * abs(exact_trace + rest):
-                break
-        count = max(step, planned - len(trace_samples))
-        for _ in range(min(count, limit - len(trace_samples))):
-            probe = rademacher_probe(dim, generator, dtype, device)
-            _sample(matvec, probe - basis.T @ (basis @ probe) if size else probe, trace_samples, square_samples)
-    else:
+            planner = _BasisPlanner.from_pilot(trace_samples, square_samples, target_rel_stderr * abs(trace))
+            spent += len(trace_samples)
+            for round_ in range(MAX_BASIS_ROUNDS):
+                krylov.grow(planner)
+                # A pilot on the deflated operator: its spread sizes the rest of the draw, and its
+                # squared norms show whether the basis stopped too early.
+                trace_samples, square_samples = [], []
+                count = min(MIN_SEQUENTIAL_PROBES, budget - spent - krylov.products)
+                _draw(matvec, krylov.basis, generator, count, trace_samples, square_samples)
+                rest, stderr = _mean_and_stderr(trace_samples)
+                target_stderr = target_rel_stderr * abs(krylov.trace + rest)
+                if stderr <= target_stderr or round_ + 1 == MAX_BASIS_ROUNDS or not krylov.can_grow():
+                    break
+                planner = _BasisPlanner.from_deflated(trace_samples, square_samples, krylov, target_stderr)
+                if not planner.worth_growing(krylov):
+                    break
+                # The basis grows again, and these samples are of the old deflated operator.
+                spent += len(trace_samples)
+        spent += krylov.products
+        # The size of the draw is fixed by the deflated pilot before any further sample exists.
+        # Stopping at the first count whose own standard error meets the target favours runs of
+        # low spread, and for the right-skewed samples of a Hessian those are runs of low mean:
+        # on digits-mlp that rule gave a mean error of -0.9 standard errors over 12 seeds.
+        limit = budget - spent
         rest, stderr = _mean_and_stderr(trace_samples)
-        reached = target_rel_stderr is None or stderr <= target_rel_stderr * abs(exact_trace + rest)
-    products = budget - limit + len(trace_samples)
+        target_stderr = target_rel_stderr * abs(krylov.trace + rest)
+        planned = len(trace_samples)
+        if stderr > target_stderr:
+            planned = min(limit, math.ceil(len(trace_samples) * (stderr / target_stderr) ** 2))
+        while len(trace_samples) < limit:
+            if len(trace_samples) >= planned:
+                rest, stderr = _mean_and_stderr(trace_samples)
+                if len(trace_samples) >= MIN_SEQUENTIAL_PROBES and stderr <= target_rel_stderr * abs(krylov.trace + rest):
+                    break
+            count = min(max(batch, planned - len(trace_samples)), limit - len(trace_samples))
+            _draw(matvec, krylov.basis, generator, count, trace_samples, square_samples)
+        rest, stderr = _mean_and_stderr(trace_samples)
+        reached = stderr <= target_rel_stderr * abs(krylov.trace + rest)
+        products = spent + len(trace_samples)
+    exact_trace, exact_square, size = krylov.trace, krylov.square, krylov.basis.size
 
     return _split_estimate(
         exact_trace,
@@ -343,8 +342,111 @@ def deflated_hutchinson(
         reached_target=reached,
         target_rel_stderr=target_rel_stderr,
         seed=seed,
+        dtype=dtype,
         basis_size=size,
     )
+
+
+class _KrylovBasis:
+    """A Lanczos basis from a Rademacher start, with the exact trace and |H Q|_F^2 on it.
+
+    ``grow`` can stop and resume: the next Lanczos vector is kept between calls.
+    """
+
+    def __init__(
+        self, matvec: Matvec, dim: int, capacity: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
+        self.matvec, self.dim, self.dtype, self.device = matvec, dim, dtype, device
+        self.basis = _BlockBasis(dim, capacity, dtype, device)
+        self.trace, self.square, self.beta, self.scale = 0.0, 0.0, 0.0, 0.0
+        self.products = 0
+        self.invariant = False
+        self._next: torch.Tensor | None = None
+        if capacity > 0:
+            start = rademacher_probe(dim, generator, dtype, device)
+            self._next = start / torch.linalg.vector_norm(start)
+
+    @property
+    def captured(self) -> float:
+        """Return |H Q|_F^2 plus the last beta squared, the part of |H|_F^2 off the deflated operator."""
+        return self.square + self.beta**2
+
+    def can_grow(self) -> bool:
+        return not self.invariant and self.basis.size < self.basis.capacity
+
+    def grow(self, planner: _BasisPlanner | None) -> None:
+        """Add Lanczos vectors until the basis is full or invariant, or until ``planner`` stops it."""
+        while self.can_grow():
+            vector = self._next
+            assert vector is not None
+            self.basis.append(vector)
+            product = self.matvec(vector).to(dtype=self.dtype, device=self.device)
+            self.products += 1
+            alpha = float(torch.dot(vector, product))
+            self.trace += alpha
+            self.square += float(torch.dot(product, product))
+            product = self.basis.orthogonalize(product)
+            self.beta = float(torch.linalg.vector_norm(product))
+            self.scale = max(self.scale, abs(alpha), self.beta)
+            self.invariant = self.beta <= np.finfo(np.float64).eps * self.scale * math.sqrt(self.dim)
+            if not self.invariant:
+                self._next = product / self.beta
+            if planner is not None and planner.done(self.basis.size, self.captured):
+                return
+
+
+def _draw(
+    matvec: Matvec,
+    basis: _BlockBasis,
+    generator: torch.Generator,
+    count: int,
+    trace_samples: list[float],
+    square_samples: list[float],
+) -> None:
+    """Append the samples of ``count`` Rademacher probes projected off ``basis`` (a no-op when empty)."""
+    for _ in range(max(count, 0)):
+        probe = rademacher_probe(basis.dim, generator, basis.dtype, basis.device)
+        _sample(matvec, basis.project_out(probe) if basis.size else probe, trace_samples, square_samples)
+
+
+class _BlockBasis:
+    """Orthonormal rows stored in blocks of ``BASIS_BLOCK``, so memory grows with the basis.
+
+    No block reaches past ``capacity`` rows in all, so the basis never allocates more than
+    ``capacity * dim`` values.
+    """
+
+    def __init__(self, dim: int, capacity: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.dim, self.capacity, self.dtype, self.device = dim, capacity, dtype, device
+        self.blocks: list[torch.Tensor] = []
+        self.size = 0
+        self._used = 0  # rows filled in the last block
+
+    def append(self, vector: torch.Tensor) -> None:
+        if self.size == self.capacity:
+            raise ValueError(f"the basis is full at {self.capacity} rows")
+        if not self.blocks or self._used == self.blocks[-1].shape[0]:
+            rows = min(BASIS_BLOCK, self.capacity - self.size)
+            self.blocks.append(torch.empty((rows, self.dim), dtype=self.dtype, device=self.device))
+            self._used = 0
+        self.blocks[-1][self._used] = vector
+        self._used += 1
+        self.size += 1
+
+    def _filled(self) -> list[torch.Tensor]:
+        return self.blocks[:-1] + [self.blocks[-1][: self._used]] if self.blocks else []
+
+    def project_out(self, vector: torch.Tensor) -> torch.Tensor:
+        """Return ``vector`` minus its components along the rows (one classical Gram-Schmidt pass)."""
+        filled = self._filled()
+        coefficients = [block @ vector for block in filled]
+        for block, weights in zip(filled, coefficients):
+            vector = vector - block.T @ weights
+        return vector
+
+    def orthogonalize(self, vector: torch.Tensor) -> torch.Tensor:
+        """Project out the rows twice, which keeps the basis orthogonal to working accuracy."""
+        return self.project_out(self.project_out(vector))
 
 
 class _BasisPlanner:
@@ -354,24 +456,54 @@ class _BasisPlanner:
     \sum_i A_{ii}^2)`. The pilot probes measure :math:`\lVert H \rVert_F^2` and the variance, and
     their ratio ``shape`` estimates the unknown diagonal share on the deflated operator. While
     the basis grows, the squared norm is taken two standard errors high, so that noise rarely
-    stops it early. The first draw of probes is sized with the estimate itself. The predicted cost of a basis of size k is k plus the probes its deflated operator needs, at least
+    stops it early. The first draw of probes is sized with the estimate itself. The predicted
+    cost of a basis of size k is k plus the probes its deflated operator needs, at least
     ``MIN_SEQUENTIAL_PROBES``. The basis stops growing once the cost has not improved for
     ``max(10, k / 5)`` steps, or once it cannot fall further.
     """
 
-    def __init__(self, trace_samples: list[float], square_samples: list[float], target_stderr: float) -> None:
-        _, stderr = _mean_and_stderr(trace_samples)
-        variance = stderr**2 * len(trace_samples)
-        mean_square, square_stderr = _mean_and_stderr(square_samples)
-        self.shape = min(1.0, variance / (2 * mean_square)) if mean_square > 0 else 1.0
-        self.frobenius_squared = mean_square
+    def __init__(self, frobenius_squared: float, square_stderr: float, shape: float, target_stderr: float) -> None:
+        self.frobenius_squared = frobenius_squared
         # Two standard errors above the estimate, for growing the basis: a basis stopped early by
         # an underestimate can leave thousands of probes to draw, one built a little too far
         # costs its few products.
-        self.frobenius_squared_high = mean_square + 2 * square_stderr
+        self.frobenius_squared_high = frobenius_squared + 2 * square_stderr
+        self.shape = shape
         self.target_variance = target_stderr**2
         self.best_cost = math.inf
         self.best_size = 0
+
+    @classmethod
+    def from_pilot(cls, trace_samples: list[float], square_samples: list[float], target_stderr: float) -> _BasisPlanner:
+        """Build the plan from plain probes, before any basis exists."""
+        _, stderr = _mean_and_stderr(trace_samples)
+        variance = stderr**2 * len(trace_samples)
+        mean_square, square_stderr = _mean_and_stderr(square_samples)
+        shape = min(1.0, variance / (2 * mean_square)) if mean_square > 0 else 1.0
+        return cls(mean_square, square_stderr, shape, target_stderr)
+
+    @classmethod
+    def from_deflated(
+        cls, trace_samples: list[float], square_samples: list[float], krylov: _KrylovBasis, target_stderr: float
+    ) -> _BasisPlanner:
+        """Build a new plan from probes on the deflated operator, which measure its norm directly.
+
+        The mean of |H P v|^2 is |H P|_F^2, so |H|_F^2 is the captured |H Q|_F^2 plus that mean,
+        and the deflated operator's own |P H P|_F^2 is that mean less the last beta squared.
+        """
+        _, stderr = _mean_and_stderr(trace_samples)
+        variance = stderr**2 * len(trace_samples)
+        mean_square, square_stderr = _mean_and_stderr(square_samples)
+        rest = mean_square - krylov.beta**2
+        shape = min(1.0, variance / (2 * rest)) if rest > 0 else 1.0
+        plan = cls(krylov.square + mean_square, square_stderr, shape, target_stderr)
+        plan.best_size = krylov.basis.size
+        plan.best_cost = krylov.basis.size + plan.predicted_probes(krylov.captured, high=True)
+        return plan
+
+    def worth_growing(self, krylov: _KrylovBasis) -> bool:
+        """Tell whether the probes still needed outweigh the deflated pilot that growing discards."""
+        return self.predicted_probes(krylov.captured) > 3 * MIN_SEQUENTIAL_PROBES
 
     def predicted_probes(self, captured_square: float, *, high: bool = False) -> float:
         """Return the probes needed once the basis captures ``captured_square`` of the squared norm."""
@@ -392,15 +524,27 @@ def _split_estimate(
     exact_square: float,
     trace_samples: list[float],
     square_samples: list[float],
+    dtype: torch.dtype,
+    basis_size: int,
     **fields: object,
 ) -> TraceEstimate:
-    """Combine the exact part on a basis with the probe means on the deflated rest."""
+    """Combine the exact part on a basis with the probe means on the deflated rest.
+
+    When the basis spans nearly everything, the probe samples are rounding noise and their
+    spread understates the error. The standard errors are then floored at a rounding bound of
+    the exact part, ``eps * basis_size * |H Q|_F`` for the trace and ``eps * basis_size * |H Q|_F^2`` for the
+    squared norm.
+    """
     deflated_trace, trace_stderr = _mean_and_stderr(trace_samples)
     deflated_square, square_stderr = _mean_and_stderr(square_samples)
-    frobenius, frobenius_stderr = _root_with_stderr(exact_square + deflated_square, square_stderr)
+    rounding = torch.finfo(dtype).eps * max(basis_size, 1)
+    frobenius, frobenius_stderr = _root_with_stderr(
+        exact_square + deflated_square, max(square_stderr, rounding * exact_square)
+    )
     return TraceEstimate(
         trace=exact_trace + deflated_trace,
-        trace_stderr=trace_stderr,
+        trace_stderr=max(trace_stderr, rounding * math.sqrt(exact_square)),
+        basis_size=basis_size,
         frobenius_norm=frobenius,
         frobenius_stderr=frobenius_stderr,
         num_probes=len(trace_samples),
