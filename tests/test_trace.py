@@ -306,3 +306,14 @@ def test_deflated_basis_across_blocks_is_exact():
     assert estimate.frobenius_norm == pytest.approx(float(torch.linalg.matrix_norm(matrix)), abs=1e-10)
     # The reported error is floored at rounding level, not the spread of zero-valued samples.
     assert 0 < estimate.trace_stderr < 1e-10
+
+
+def test_deflated_regrowth_stays_within_budget():
+    # A flat spectrum, where the pilot's plan stops the basis early and later rounds grow it
+    # again; every budget, small ones included, must be kept and leave probes for an error.
+    matrix = symmetric_with_eigenvalues(np.linspace(-1.0, 2.5, 150), seed=29)
+    for max_probes in (60, 75, 100, 160, 400):
+        estimate = deflated_hutchinson(dense_matvec(matrix), 150, target_rel_stderr=0.001, max_probes=max_probes, seed=11)
+        assert estimate.num_matvecs <= max_probes
+        assert estimate.num_probes >= 2
+        assert math.isfinite(estimate.trace_stderr)

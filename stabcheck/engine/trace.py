@@ -249,18 +249,25 @@ def deflated_hutchinson(
     summed from the Lanczos products.
 
     A fixed budget (``num_probes``, at least 3 products) spends half on the basis and the rest on
-    probes. A sequential run (``target_rel_stderr``) first draws ``MIN_SEQUENTIAL_PROBES`` plain
-    Hutchinson probes, the same ones :func:`hutchinson` draws with this seed. When they meet the
-    target, their estimate is returned with no basis. Otherwise they give
-    :math:`\lVert H \rVert_F^2` and the sample variance, which predict how many probes the deflated
-    operator still needs: its squared Frobenius norm is
-    :math:`\lVert H \rVert_F^2 - \lVert H Q \rVert_F^2 - \beta_k^2`. The basis grows while the
-    predicted total of basis and probe products falls. Then the predicted number of probes (at
-    least ``MIN_SEQUENTIAL_PROBES``) is drawn in one go. Only when their standard error misses
-    the target do more probes follow, ``batch`` at a time, until
-    ``trace_stderr <= target_rel_stderr * |trace|``.
-    Every product counts against ``max_probes``; past it the result has ``reached_target=False``.
-    The prediction only sizes the basis; the reported error comes from the probes alone.
+    probes. A sequential run (``target_rel_stderr``) goes in steps:
+
+    1. ``MIN_SEQUENTIAL_PROBES`` plain Hutchinson probes, the same ones :func:`hutchinson` draws
+       with this seed. When they meet the target, their estimate is returned with no basis.
+    2. Otherwise they give :math:`\lVert H \rVert_F^2` and the sample variance, which predict
+       the probes that the deflated operator needs: its squared Frobenius norm is
+       :math:`\lVert H \rVert_F^2 - \lVert H Q \rVert_F^2 - \beta_k^2`. The basis grows while
+       the predicted total of basis and probe products falls.
+    3. ``MIN_SEQUENTIAL_PROBES`` probes on the deflated operator. Their mean of
+       :math:`\lVert H P v \rVert^2` measures the deflated norm directly. When they show that
+       many more probes are needed than step 2 predicted, the basis grows again with the new
+       figures, and these probes are dropped (at most ``MAX_BASIS_ROUNDS`` rounds).
+    4. The deflated probes' spread fixes the total count, which is drawn without looking at
+       the new samples. Only if the standard error then still misses the target do more probes
+       follow, ``batch`` at a time, until ``trace_stderr <= target_rel_stderr * |trace|``.
+
+    Every product, dropped ones included, counts against ``max_probes``. Past it the result has
+    ``reached_target=False``. The plans only size the basis and the draw; the reported error
+    comes from the kept probes alone.
 
     ``max_basis`` caps the basis (its memory is ``max_basis * dim`` values of ``dtype``).
     ``num_probes`` in the result counts the probes on the deflated operator, or the plain probes
@@ -279,7 +286,7 @@ def deflated_hutchinson(
 
     if num_probes is not None:
         krylov = _KrylovBasis(matvec, dim, min(cap, num_probes // 2), generator, dtype, device)
-        krylov.grow(None)
+        krylov.grow(None, krylov.basis.capacity)
         _draw(matvec, krylov.basis, generator, num_probes - krylov.products, trace_samples, square_samples)
         products = krylov.products + len(trace_samples)
     else:
@@ -294,7 +301,8 @@ def deflated_hutchinson(
             planner = _BasisPlanner.from_pilot(trace_samples, square_samples, target_rel_stderr * abs(trace))
             spent += len(trace_samples)
             for round_ in range(MAX_BASIS_ROUNDS):
-                krylov.grow(planner)
+                # Room stays for the deflated probes, after any dropped earlier.
+                krylov.grow(planner, budget - spent - MIN_SEQUENTIAL_PROBES)
                 # A pilot on the deflated operator: its spread sizes the rest of the draw, and its
                 # squared norms show whether the basis stopped too early.
                 trace_samples, square_samples = [], []
@@ -302,7 +310,8 @@ def deflated_hutchinson(
                 _draw(matvec, krylov.basis, generator, count, trace_samples, square_samples)
                 rest, stderr = _mean_and_stderr(trace_samples)
                 target_stderr = target_rel_stderr * abs(krylov.trace + rest)
-                if stderr <= target_stderr or round_ + 1 == MAX_BASIS_ROUNDS or not krylov.can_grow():
+                room = budget - spent - len(trace_samples) - krylov.products - MIN_SEQUENTIAL_PROBES
+                if stderr <= target_stderr or round_ + 1 == MAX_BASIS_ROUNDS or not krylov.can_grow() or room < 1:
                     break
                 planner = _BasisPlanner.from_deflated(trace_samples, square_samples, krylov, target_stderr)
                 if not planner.worth_growing(krylov):
@@ -312,7 +321,7 @@ def deflated_hutchinson(
         spent += krylov.products
         # The size of the draw is fixed by the deflated pilot before any further sample exists.
         # Stopping at the first count whose own standard error meets the target favours runs of
-        # low spread, and for the right-skewed samples of a Hessian those are runs of low mean:
+        # low spread. For the right-skewed samples of a Hessian those are runs of low mean, and
         # on digits-mlp that rule gave a mean error of -0.9 standard errors over 12 seeds.
         limit = budget - spent
         rest, stderr = _mean_and_stderr(trace_samples)
@@ -374,9 +383,9 @@ class _KrylovBasis:
     def can_grow(self) -> bool:
         return not self.invariant and self.basis.size < self.basis.capacity
 
-    def grow(self, planner: _BasisPlanner | None) -> None:
-        """Add Lanczos vectors until the basis is full or invariant, or until ``planner`` stops it."""
-        while self.can_grow():
+    def grow(self, planner: _BasisPlanner | None, max_size: int) -> None:
+        """Add Lanczos vectors until the basis is full, invariant or ``max_size`` long, or ``planner`` stops it."""
+        while self.can_grow() and self.basis.size < max_size:
             vector = self._next
             assert vector is not None
             self.basis.append(vector)
