@@ -6,10 +6,10 @@ run stops by the same rule. It draws at least 30 probes and stops at the first c
 standard error (sample standard deviation over the square root of the count) is at most the
 target times the estimate.
 stabcheck's ``deflated`` method and its plain Hutchinson run that rule themselves. PyHessian
-has no such rule (its own stops when the running mean changes by less than ``tol``, which says
-nothing of the error), so it first runs with ``tol=0`` for as many probes as the tightest target
-needs; the count each target needs is read from that run's samples; then PyHessian runs again,
-timed, with exactly that count.
+has no such rule: its own stops when the running mean changes by less than ``tol``, which
+bounds no error. So it first runs with ``tol=0`` for as many probes as the tightest target
+needs, and the count each target needs is read from that run's samples. Then PyHessian runs
+again, timed, with exactly that count.
 
 Each tool and target runs with several seeds. The exact trace, the sum of the diagonal of the
 float64 Hessian from one product per unit vector, checks that the errors match the reported

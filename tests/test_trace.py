@@ -309,8 +309,8 @@ def test_deflated_basis_across_blocks_is_exact():
 
 
 def test_deflated_regrowth_stays_within_budget():
-    # A flat spectrum, where the pilot's plan stops the basis early and later rounds grow it
-    # again; every budget, small ones included, must be kept and leave probes for an error.
+    # On a flat spectrum the pilot's plan stops the basis early, so later rounds grow it again.
+    # Every budget, small ones included, must be kept and leave probes for a standard error.
     matrix = symmetric_with_eigenvalues(np.linspace(-1.0, 2.5, 150), seed=29)
     for max_probes in (60, 75, 100, 160, 400):
         estimate = deflated_hutchinson(dense_matvec(matrix), 150, target_rel_stderr=0.001, max_probes=max_probes, seed=11)
